@@ -1,0 +1,143 @@
+"""The `intl` torch custom ops: one schema per op, the backend chosen by a string argument.
+
+Forward and backward are separate ops so that torch.compile and AOT autograd see opaque calls
+(no graph breaks, no tracing into Triton/CUDA), with fake implementations for shape propagation.
+The backward ops are first-order only (no double backward).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backends import impl
+from .reference import compute_dtype
+
+_Saved = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _dims(x: Tensor, axis: int) -> tuple[int, int]:
+    """(N observations, C variables) of a (*, m, d) input."""
+    m, d = x.shape[-2], x.shape[-1]
+    return (d, m) if axis == 0 else (m, d)
+
+
+# ---------------------------------------------------------------- iternorm
+@torch.library.custom_op("intl::iternorm_fwd", mutates_args=())
+def iternorm_fwd(x: Tensor, iters: int, axis: int, backend: str) -> _Saved:
+    """IterNorm of x (*, m, d): (y, mean, S, tr, Ps, Pp, v) as documented in intl_ops.reference."""
+    return tuple(impl(backend, "iternorm_fwd")(x, iters, axis))
+
+
+@iternorm_fwd.register_fake
+def _(x, iters, axis, backend):
+    _, C = _dims(x, axis)
+    ct, batch = compute_dtype(x.dtype), x.shape[:-2]
+    new = lambda *shape: x.new_empty(*batch, *shape, dtype=ct)  # noqa: E731
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), new(C), new(C, C), new(),
+            new(iters, C, C), new(max(iters - 1, 0), 2, C, C), new(C))
+
+
+@torch.library.custom_op("intl::iternorm_bwd", mutates_args=())
+def iternorm_bwd(grad_y: Tensor, grad_v: Tensor, y: Tensor, x: Tensor, mean: Tensor, S: Tensor, tr: Tensor,
+                 Ps: Tensor, Pp: Tensor, iters: int, axis: int, backend: str) -> Tensor:
+    return impl(backend, "iternorm_bwd")(grad_y, grad_v, y, x, mean, S, tr, Ps, Pp, iters, axis)
+
+
+@iternorm_bwd.register_fake
+def _(grad_y, grad_v, y, x, mean, S, tr, Ps, Pp, iters, axis, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _iternorm_setup(ctx, inputs, output):
+    x, iters, axis, backend = inputs
+    y, mean, S, tr, Ps, Pp, v = output
+    ctx.save_for_backward(y, x, mean, S, tr, Ps, Pp, v)
+    ctx.cfg = (iters, axis, backend)
+    ctx.mark_non_differentiable(mean, S, tr, Ps, Pp)
+
+
+def _iternorm_backward(ctx, gy, gmean, gS, gtr, gPs, gPp, gv):
+    y, x, mean, S, tr, Ps, Pp, v = ctx.saved_tensors
+    iters, axis, backend = ctx.cfg
+    gy = torch.zeros_like(y) if gy is None else gy
+    gv = torch.zeros_like(v) if gv is None else gv
+    gx = torch.ops.intl.iternorm_bwd(gy, gv, y, x, mean, S, tr, Ps, Pp, iters, axis, backend)
+    return gx, None, None, None
+
+
+iternorm_fwd.register_autograd(_iternorm_backward, setup_context=_iternorm_setup)
+
+
+# ---------------------------------------------------------------- trace loss
+@torch.library.custom_op("intl::trace_loss", mutates_args=())
+def trace_loss(y: Tensor, axis: int, backend: str) -> Tensor:
+    """sum_j (var_j(y) - 1)^2 over the variables of `axis`, shape y.shape[:-2], fp32 (fp64 for fp64)."""
+    return impl(backend, "trace_loss_fwd")(y, axis)
+
+
+@trace_loss.register_fake
+def _(y, axis, backend):
+    return y.new_empty(y.shape[:-2], dtype=compute_dtype(y.dtype))
+
+
+@torch.library.custom_op("intl::trace_loss_bwd", mutates_args=())
+def trace_loss_bwd(grad: Tensor, y: Tensor, axis: int, backend: str) -> Tensor:
+    return impl(backend, "trace_loss_bwd")(grad, y, axis)
+
+
+@trace_loss_bwd.register_fake
+def _(grad, y, axis, backend):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def _trace_loss_setup(ctx, inputs, output):
+    y, axis, backend = inputs
+    ctx.save_for_backward(y)
+    ctx.cfg = (axis, backend)
+
+
+def _trace_loss_backward(ctx, grad):
+    (y,) = ctx.saved_tensors
+    return torch.ops.intl.trace_loss_bwd(grad, y, *ctx.cfg), None, None
+
+
+trace_loss.register_autograd(_trace_loss_backward, setup_context=_trace_loss_setup)
+
+
+# ---------------------------------------------------------------- nmse
+@torch.library.custom_op("intl::nmse", mutates_args=())
+def nmse(a: Tensor, b: Tensor, backend: str) -> Tensor:
+    """2 - 2 * mean over rows of cos(a_i, b_i); a and b (*, m, d) of one shape; result (*,)."""
+    return impl(backend, "nmse_fwd")(a, b)
+
+
+@nmse.register_fake
+def _(a, b, backend):
+    return a.new_empty(a.shape[:-2], dtype=compute_dtype(a.dtype))
+
+
+@torch.library.custom_op("intl::nmse_bwd", mutates_args=())
+def nmse_bwd(grad: Tensor, a: Tensor, b: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    ga, gb = impl(backend, "nmse_bwd")(grad, a, b)
+    return ga.contiguous(), gb.contiguous()
+
+
+@nmse_bwd.register_fake
+def _(grad, a, b, backend):
+    return (torch.empty_like(a, memory_format=torch.contiguous_format),
+            torch.empty_like(b, memory_format=torch.contiguous_format))
+
+
+def _nmse_setup(ctx, inputs, output):
+    a, b, backend = inputs
+    ctx.save_for_backward(a, b)
+    ctx.backend = backend
+
+
+def _nmse_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    ga, gb = torch.ops.intl.nmse_bwd(grad, a, b, ctx.backend)
+    return ga, gb, None
+
+
+nmse.register_autograd(_nmse_backward, setup_context=_nmse_setup)
