@@ -70,7 +70,7 @@ def _stack_views(views, name: str) -> Tensor:
 
 
 def intl_loss(views, iters: int = 4, axis: int = 0, beta: float | None = None, *, target: Tensor | None = None,
-              backend: str = "auto", process_group=None) -> Tensor:
+              backend: str = "auto", process_group=None, return_parts: bool = False):
     """The INTL objective (SPEC section 4), a 0-dim fp32 tensor (fp64 for fp64 input).
 
     views: K >= 2 crops' embeddings, a sequence of (m, d) tensors (crop 0 first) or a (K, m, d)
@@ -79,6 +79,8 @@ def intl_loss(views, iters: int = 4, axis: int = 0, beta: float | None = None, *
     L = mean_i [nmse(t_i, t_k) + beta TL(t_i)] over the online views, the target whitened without
     gradient. beta=None: SPEC's 0.01 (log2(n_vars) - 3) with the global batch (axis=0) or d.
     The trace loss is taken from the iternorm op's output variances: no extra pass over the outputs.
+    return_parts=True returns (loss, {"align": mean nmse, "trace": mean trace-loss term, "beta": beta})
+    with the parts detached, for logging.
     """
     iters, axis = check_iters(iters), check_axis(axis)
     x = _stack_views(views, "views")
@@ -112,6 +114,11 @@ def intl_loss(views, iters: int = 4, axis: int = 0, beta: float | None = None, *
             check_finite(target, "target")
             yk = torch.ops.intl.iternorm_fwd(target.detach(), iters, axis, backend)[0]
         align = torch.ops.intl.nmse(y, yk.expand_as(y), backend)
-        return (align + beta * tl).mean()
-    align = torch.ops.intl.nmse(y[1:], y[:1].expand_as(y[1:]), backend)
-    return (align + beta * (tl[1:] + tl[0])).mean()
+        trace = tl
+    else:
+        align = torch.ops.intl.nmse(y[1:], y[:1].expand_as(y[1:]), backend)
+        trace = tl[1:] + tl[0]
+    loss = (align + beta * trace).mean()
+    if return_parts:
+        return loss, {"align": align.detach().mean(), "trace": trace.detach().mean(), "beta": beta}
+    return loss
