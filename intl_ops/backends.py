@@ -49,6 +49,7 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, st
     return {name: unavailable_reason(name, device) or "available" for name in BACKEND_MODULES}
 
 
+@torch.compiler.assume_constant_result  # decided once at trace time: no import machinery in the graph
 def resolve(backend: str, device: torch.device) -> str:
     """Validate a backend name and turn "auto" into a concrete backend usable on `device`."""
     if not isinstance(backend, str) or backend not in BACKEND_NAMES:

@@ -32,7 +32,7 @@ def iternorm_fwd(x: Tensor, iters: int, axis: int, backend: str) -> _Saved:
 def _(x, iters, axis, backend):
     _, C = _dims(x, axis)
     ct, batch = compute_dtype(x.dtype), x.shape[:-2]
-    new = lambda *shape: x.new_empty(*batch, *shape, dtype=ct)  # noqa: E731
+    new = lambda *shape: x.new_empty((*batch, *shape), dtype=ct)  # noqa: E731
     return (torch.empty_like(x, memory_format=torch.contiguous_format), new(C), new(C, C), new(),
             new(iters, C, C), new(max(iters - 1, 0), 2, C, C), new(C))
 
