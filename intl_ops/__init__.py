@@ -7,9 +7,11 @@ from ._checks import set_check_finite
 from .backends import available_backends
 from .functional import default_beta, intl_loss, iternorm, trace_loss
 from .modules import INTLLoss, IterNorm
+from .spectral import effective_rank, plot_spectra, spectral_transform, spectrum, whiten
 
 __version__ = "0.1.0"
 __all__ = [
     "iternorm", "trace_loss", "intl_loss", "default_beta", "IterNorm", "INTLLoss",
     "available_backends", "set_check_finite",
+    "spectral_transform", "whiten", "spectrum", "effective_rank", "plot_spectra",
 ]
