@@ -49,6 +49,15 @@ def _guarded_scales(tr: Tensor) -> tuple[Tensor, Tensor]:
     return inv_tr, torch.where(pos, safe.rsqrt(), torch.zeros_like(tr))
 
 
+def _gemm_(c: Tensor, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    """c = beta * c + alpha * (a @ b) in place, one BLAS call: no temporaries for the scaling or the sum."""
+    if c.dim() == 2:
+        return c.addmm_(a, b, beta=beta, alpha=alpha)
+    if c.dim() == 3:
+        return c.baddbmm_(a, b, beta=beta, alpha=alpha)
+    return c.copy_(beta * c + alpha * (a @ b))
+
+
 def _eye_like(S: Tensor) -> Tensor:
     return torch.eye(S.shape[-1], dtype=S.dtype, device=S.device).expand_as(S)
 
@@ -70,22 +79,17 @@ def iternorm_fwd(x: Tensor, iters: int, axis: int) -> IterNormSaved:
     inv_tr, inv_sqrt_tr = _guarded_scales(tr)
     S = sigma * inv_tr[..., None, None]
 
-    eye = _eye_like(S)
     batch = S.shape[:-2]
     Ps = S.new_empty(*batch, iters, C, C)
     Pp = S.new_empty(*batch, max(iters - 1, 0), 2, C, C)
-    P = eye
-    if iters >= 1:
-        P = 1.5 * eye - 0.5 * S  # P_1 in closed form
-        Ps[..., 0, :, :] = P
-    for k in range(1, iters):
-        P2 = P @ P
-        P3 = P2 @ P
-        Pp[..., k - 1, 0, :, :] = P2
-        Pp[..., k - 1, 1, :, :] = P3
-        P = torch.baddbmm(P.reshape(-1, C, C), P3.reshape(-1, C, C), S.reshape(-1, C, C),
-                          beta=1.5, alpha=-0.5).reshape(P.shape)
-        Ps[..., k, :, :] = P
+    P = _eye_like(S)
+    if iters >= 1:  # P_1 = 1.5 I - 0.5 S in closed form
+        P = torch.mul(S, -0.5, out=Ps[..., 0, :, :])
+        P.diagonal(dim1=-2, dim2=-1).add_(1.5)
+    for k in range(1, iters):  # every product is written straight into the saved slot
+        P2 = torch.matmul(P, P, out=Pp[..., k - 1, 0, :, :])
+        P3 = torch.matmul(P2, P, out=Pp[..., k - 1, 1, :, :])
+        P = _gemm_(Ps[..., k, :, :].copy_(P), P3, S, beta=1.5, alpha=-0.5)
 
     W = P * inv_sqrt_tr[..., None, None]
     y_obs = ac @ W  # (*, N, C)
@@ -117,17 +121,19 @@ def iternorm_bwd(grad_y: Tensor, grad_v: Tensor, y: Tensor, x: Tensor, mean: Ten
     trbar = -0.5 * (inv_sqrt_tr * inv_tr) * (Wbar * P_T).sum((-2, -1))
 
     Sbar = torch.zeros_like(S)
-    G = Pbar
+    G = Pbar  # a fresh tensor: updated in place below
     for k in range(iters, 0, -1):
         if k == 1:  # B = P_0 = I: only the S term remains, P_0 needs no gradient
-            Sbar = Sbar - 0.5 * G
+            Sbar.add_(G, alpha=-0.5)
             break
         B = Ps[..., k - 2, :, :]
         B2 = Pp[..., k - 2, 0, :, :]
         B3 = Pp[..., k - 2, 1, :, :]
-        Sbar = Sbar - 0.5 * (B3.mT @ G)
+        _gemm_(Sbar, B3.mT, G, alpha=-0.5)
         H = G @ S.mT  # every iterate commutes with S: G S B^2 + B G S B + B^2 G S
-        G = 1.5 * G - 0.5 * (H @ B2.mT + B.mT @ H @ B.mT + B2.mT @ H)
+        _gemm_(G, H, B2.mT, beta=1.5, alpha=-0.5)
+        _gemm_(G, B2.mT, H, alpha=-0.5)
+        _gemm_(G, B.mT @ H, B.mT, alpha=-0.5)
 
     sbar_dot_s = (Sbar * S).sum((-2, -1))
     sigmabar = Sbar * inv_tr[..., None, None] + ((trbar - sbar_dot_s * inv_tr)[..., None, None] * eye)
