@@ -1,0 +1,541 @@
+// CUDA kernels of the intl backend (SPEC sections 3 and 5), Hopper (sm_90a):
+//   centered_gram_kernel  fused centring + covariance sums, upper triangle of 64 x 64 tiles, split over N
+//   ns_fwd_kernel         the whole Newton-Schulz forward (T steps) in one launch
+//   ns_bwd_kernel         the whole Newton-Schulz backward in one launch
+// Products use tensor cores (mma.sync m16n8k8 tf32) in 3xTF32 form: x*y ~= xh*yh + xh*yl + xl*yh with
+// xh = tf32(x), xl = tf32(x - xh), which keeps fp32-level accuracy (the reference multiplies in fp32).
+//
+// The Newton-Schulz kernels run one thread-block cluster of 8 blocks per C x C problem (C <= 256).
+// Block q of the cluster owns rows [q R, q R + R) of every C x C matrix (R = 16 for C <= 128, else 32;
+// C is zero-padded to 8 R). A product X Y then needs X's rows locally and all of Y: Y's row slab k/R is
+// read straight from block k/R's shared memory (distributed shared memory). Every iterate is a
+// polynomial in S (symmetric, commuting), so each product can be ordered with the changing operand
+// local and only P_{k-1} or S remote: the forward needs one cluster barrier per step.
+#include "intl_cuda.h"
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace cg = cooperative_groups;
+
+namespace intl_cuda {
+namespace {
+
+constexpr int kCluster = 8;   // blocks per cluster (the portable maximum)
+constexpr int kThreads = 256; // 8 warps per block
+constexpr int kWarps = kThreads / 32;
+
+// ------------------------------------------------------------------ 3xTF32 tensor-core step
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  hi = to_tf32(x);
+  lo = to_tf32(x - __uint_as_float(hi));
+}
+
+// d += a b for one m16n8k8 tile (fragments in the PTX ISA's layout for .tf32).
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// d += a b in 3xTF32; the small cross terms first.
+__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4],
+                                           const uint32_t (&bh)[2], const uint32_t (&bl)[2]) {
+  mma_tf32(d, al, bh);
+  mma_tf32(d, ah, bl);
+  mma_tf32(d, ah, bh);
+}
+
+__device__ __forceinline__ float block_sum(float x, float* scratch /* kWarps floats */) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = x;
+  __syncthreads();
+  float s = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) s += scratch[w];
+  __syncthreads();  // scratch can be reused
+  return s;
+}
+
+// ------------------------------------------------------------------ Newton-Schulz: slab products
+template <int R>
+struct Cfg {
+  static constexpr int CP = R * kCluster;  // padded C
+  static constexpr int LD = CP + 4;        // shared row stride: conflict-free A-fragment loads
+  static constexpr int MT = R / 16;        // m16 tiles: every warp covers all R rows ...
+  static constexpr int NT = R / 8;         // ... and R of the CP columns (n8 tiles)
+  static constexpr int kSlab = R * LD;     // floats per slab
+};
+
+// A operand: this block's R x CP slab in shared memory.
+template <int R>
+struct LocalSlab {
+  const float* p;
+  __device__ __forceinline__ float at(int r, int c) const { return p[r * Cfg<R>::LD + c]; }
+};
+
+// B operand: a CP x CP matrix whose row slab q sits at the same offset `p` in block q's shared memory.
+template <int R>
+struct ClusterMatrix {
+  const float* p;
+  __device__ __forceinline__ float at(int k, int n) const {
+    const float* q = cg::this_cluster().map_shared_rank(p, static_cast<unsigned>(k / R));
+    return q[(k % R) * Cfg<R>::LD + n];
+  }
+};
+
+// Either operand: a C x C row-major matrix in global memory (rows offset by row0), zero outside C x C.
+struct GlobalMatrix {
+  const float* p;
+  int C, row0;
+  __device__ __forceinline__ float at(int r, int c) const {
+    r += row0;
+    return (r < C && c < C) ? __ldg(p + static_cast<size_t>(r) * C + c) : 0.f;
+  }
+};
+
+template <int R>
+using Acc = float[Cfg<R>::MT][Cfg<R>::NT][4];
+
+template <int R>
+__device__ __forceinline__ void zero(Acc<R>& acc) {
+#pragma unroll
+  for (int mt = 0; mt < Cfg<R>::MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < Cfg<R>::NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+}
+
+// acc += X Y restricted to this block's rows: X (R x CP, A operand), Y (CP x CP, B operand).
+// Warp w computes columns [w R, w R + R).
+template <int R, class AOp, class BOp>
+__device__ __forceinline__ void slab_product(Acc<R>& acc, AOp X, BOp Y) {
+  using K = Cfg<R>;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = (threadIdx.x >> 5) * R;
+#pragma unroll 1
+  for (int k0 = 0; k0 < K::CP; k0 += 8) {
+    uint32_t ah[K::MT][4], al[K::MT][4];
+#pragma unroll
+    for (int mt = 0; mt < K::MT; ++mt) {
+      const int r = mt * 16 + g;
+      split_tf32(X.at(r, k0 + t), ah[mt][0], al[mt][0]);
+      split_tf32(X.at(r + 8, k0 + t), ah[mt][1], al[mt][1]);
+      split_tf32(X.at(r, k0 + t + 4), ah[mt][2], al[mt][2]);
+      split_tf32(X.at(r + 8, k0 + t + 4), ah[mt][3], al[mt][3]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < K::NT; ++nt) {
+      const int n = n0 + nt * 8 + g;
+      uint32_t bh[2], bl[2];
+      split_tf32(Y.at(k0 + t, n), bh[0], bl[0]);
+      split_tf32(Y.at(k0 + t + 4, n), bh[1], bl[1]);
+#pragma unroll
+      for (int mt = 0; mt < K::MT; ++mt) mma_3xtf32(acc[mt][nt], ah[mt], al[mt], bh, bl);
+    }
+  }
+}
+
+// f(r, c, value) for each accumulator entry of this thread (r: slab row, c: column).
+template <int R, class F>
+__device__ __forceinline__ void for_each_acc(const Acc<R>& acc, F f) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = (threadIdx.x >> 5) * R;
+#pragma unroll
+  for (int mt = 0; mt < Cfg<R>::MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < Cfg<R>::NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) f(mt * 16 + g + (i >> 1) * 8, n0 + nt * 8 + 2 * t + (i & 1), acc[mt][nt][i]);
+}
+
+__device__ __forceinline__ void store_if(float* dst, int i, int c, int C, float x) {
+  if (i < C && c < C) dst[static_cast<size_t>(i) * C + c] = x;
+}
+
+// ------------------------------------------------------------------ Newton-Schulz forward
+// Shared memory: S, B (= P_{k-1}), X (P_k^2, then P_k), Y (P_k^3) slabs + R + kWarps floats.
+template <int R>
+__global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
+    ns_fwd_kernel(const float* __restrict__ sigma, float* __restrict__ S_out, float* __restrict__ tr_out,
+                  float* __restrict__ Ps, float* __restrict__ Pp, float* __restrict__ v_out, int C, int iters) {
+  using K = Cfg<R>;
+  extern __shared__ float4 smem4[];
+  float* Ss = reinterpret_cast<float*>(smem4);
+  float* Bs = Ss + K::kSlab;
+  float* Xs = Bs + K::kSlab;
+  float* Ys = Xs + K::kSlab;
+  float* vsum = Ys + K::kSlab;  // R floats
+  float* scratch = vsum + R;    // kWarps floats
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int row0 = rank * R;
+  const size_t b = blockIdx.x / kCluster, CC = static_cast<size_t>(C) * C;
+  sigma += b * CC;
+  S_out += b * CC;
+  Ps += b * iters * CC;
+  Pp += b * (iters > 1 ? iters - 1 : 0) * 2 * CC;
+  v_out += b * C;
+
+  // tr = trace(Sigma): every block sums the C diagonal entries itself.
+  float part = 0.f;
+  for (int i = threadIdx.x; i < C; i += kThreads) part += sigma[static_cast<size_t>(i) * (C + 1)];
+  const float tr = block_sum(part, scratch);
+  const float inv_tr = tr > 0.f ? 1.f / tr : 0.f;  // constant input: S = 0, y = 0 (as the reference)
+  if (rank == 0 && threadIdx.x == 0) tr_out[b] = tr;
+
+  // S = Sigma / tr and B = P_1 = 1.5 I - 0.5 S (P_0 = I when iters == 0), zero-padded.
+  for (int e = threadIdx.x; e < K::kSlab; e += kThreads) {
+    const int r = e / K::LD, c = e % K::LD, i = row0 + r;
+    const bool in = i < C && c < C;
+    const float s = in ? sigma[static_cast<size_t>(i) * C + c] * inv_tr : 0.f;
+    const float eye = i == c ? 1.f : 0.f;
+    const float p = !in ? 0.f : (iters >= 1 ? 1.5f * eye - 0.5f * s : eye);
+    Ss[e] = s;
+    Bs[e] = p;
+    if (in) {
+      S_out[static_cast<size_t>(i) * C + c] = s;
+      if (iters >= 1) Ps[static_cast<size_t>(i) * C + c] = p;
+    }
+  }
+  for (int r = threadIdx.x; r < R; r += kThreads) vsum[r] = 0.f;
+  cluster.sync();  // S and P_1 of every block are visible to the cluster
+
+  Acc<R> acc;
+  for (int k = 2; k <= iters; ++k) {
+    float* P2g = Pp + static_cast<size_t>(k - 2) * 2 * CC;
+    float* P3g = P2g + CC;
+    float* Pkg = Ps + static_cast<size_t>(k - 1) * CC;
+    // X = B^2 (local B rows times the cluster's B)
+    zero<R>(acc);
+    slab_product<R>(acc, LocalSlab<R>{Bs}, ClusterMatrix<R>{Bs});
+    for_each_acc<R>(acc, [&](int r, int c, float x) {
+      Xs[r * K::LD + c] = x;
+      store_if(P2g, row0 + r, c, C, x);
+    });
+    __syncthreads();
+    // Y = B^3 = X B
+    zero<R>(acc);
+    slab_product<R>(acc, LocalSlab<R>{Xs}, ClusterMatrix<R>{Bs});
+    for_each_acc<R>(acc, [&](int r, int c, float x) {
+      Ys[r * K::LD + c] = x;
+      store_if(P3g, row0 + r, c, C, x);
+    });
+    __syncthreads();
+    // P_k = 1.5 B - 0.5 Y S, written over X (only ever read locally)
+    zero<R>(acc);
+    slab_product<R>(acc, LocalSlab<R>{Ys}, ClusterMatrix<R>{Ss});
+    for_each_acc<R>(acc, [&](int r, int c, float x) {
+      const float p = 1.5f * Bs[r * K::LD + c] - 0.5f * x;
+      Xs[r * K::LD + c] = p;
+      store_if(Pkg, row0 + r, c, C, p);
+    });
+    cluster.sync();  // every block has finished reading the old B; the new P_k is complete
+    float* tmp = Bs;
+    Bs = Xs;
+    Xs = tmp;
+  }
+
+  // v_i = (P_T S P_T)_ii = sum_c (P_T S)_ic (P_T)_ic, P_T symmetric: the output variances.
+  zero<R>(acc);
+  slab_product<R>(acc, LocalSlab<R>{Bs}, ClusterMatrix<R>{Ss});
+  {
+    using KK = Cfg<R>;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int n0 = (threadIdx.x >> 5) * R;
+#pragma unroll
+    for (int mt = 0; mt < KK::MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = mt * 16 + g + half * 8;
+        float s = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < KK::NT; ++nt)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) s += acc[mt][nt][half * 2 + j] * Bs[r * KK::LD + n0 + nt * 8 + 2 * t + j];
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        if (t == 0) atomicAdd(vsum + r, s);
+      }
+  }
+  __syncthreads();
+  for (int r = threadIdx.x; r < R; r += kThreads)
+    if (row0 + r < C) v_out[row0 + r] = vsum[r];
+  cluster.sync();  // no block may exit while others can still read its shared memory
+}
+
+// ------------------------------------------------------------------ Newton-Schulz backward
+// SPEC section 5, k = T..2 with B = P_{k-1}, G = Pbar (not symmetric), H = G S:
+//   Sbar -= 0.5 B^3 G;   G = 1.5 G - 0.5 (H B^2 + B (H B) + B^2 H)
+// then Sbar -= 0.5 G (k = 1). G, H, H B and Sbar live in shared slabs; S, B, B^2, B^3 are read
+// from global memory (the saved forward tensors, L2-resident).
+template <int R>
+__global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
+    ns_bwd_kernel(const float* __restrict__ wbar, const float* __restrict__ S, const float* __restrict__ tr_in,
+                  const float* __restrict__ Ps, const float* __restrict__ Pp, float* __restrict__ M, int C,
+                  int iters, int n_obs) {
+  using K = Cfg<R>;
+  extern __shared__ float4 smem4[];
+  float* Gs = reinterpret_cast<float*>(smem4);
+  float* Hs = Gs + K::kSlab;
+  float* HBs = Hs + K::kSlab;
+  float* Sb = HBs + K::kSlab;
+  float* dots = Sb + K::kSlab;  // 2 floats: this block's <Wbar, P_T> and <Sbar, S>
+  float* scratch = dots + 2;    // kWarps floats
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int row0 = rank * R;
+  const size_t b = blockIdx.x / kCluster, CC = static_cast<size_t>(C) * C;
+  wbar += b * CC;
+  S += b * CC;
+  Ps += b * iters * CC;
+  Pp += b * (iters > 1 ? iters - 1 : 0) * 2 * CC;
+  M += b * CC;
+  const float tr = tr_in[b];
+  const float inv_tr = tr > 0.f ? 1.f / tr : 0.f;
+  const float inv_sqrt_tr = tr > 0.f ? 1.f / sqrtf(tr) : 0.f;
+  const float* PT = iters >= 1 ? Ps + static_cast<size_t>(iters - 1) * CC : nullptr;
+
+  // G = Pbar = Wbar / sqrt(tr); <Wbar, P_T> for trbar; Sbar = 0.
+  float wp = 0.f;
+  for (int e = threadIdx.x; e < K::kSlab; e += kThreads) {
+    const int r = e / K::LD, c = e % K::LD, i = row0 + r;
+    const bool in = i < C && c < C;
+    const size_t o = static_cast<size_t>(i) * C + c;
+    const float w = in ? wbar[o] : 0.f;
+    if (in) wp += w * (PT != nullptr ? PT[o] : (i == c ? 1.f : 0.f));
+    Gs[e] = w * inv_sqrt_tr;
+    Sb[e] = 0.f;
+  }
+  cluster.sync();
+
+  Acc<R> acc;
+  for (int k = iters; k >= 2; --k) {
+    const float* Bg = Ps + static_cast<size_t>(k - 2) * CC;
+    const float* B2g = Pp + static_cast<size_t>(k - 2) * 2 * CC;
+    const float* B3g = B2g + CC;
+    // Sbar -= 0.5 B^3 G (G from the cluster); H = G S
+    zero<R>(acc);
+    slab_product<R>(acc, GlobalMatrix{B3g, C, row0}, ClusterMatrix<R>{Gs});
+    for_each_acc<R>(acc, [&](int r, int c, float x) { Sb[r * K::LD + c] -= 0.5f * x; });
+    zero<R>(acc);
+    slab_product<R>(acc, LocalSlab<R>{Gs}, GlobalMatrix{S, C, 0});
+    for_each_acc<R>(acc, [&](int r, int c, float x) { Hs[r * K::LD + c] = x; });
+    cluster.sync();  // H complete; every block is done reading G
+    // HB = H B; acc = H B^2 + B^2 H
+    zero<R>(acc);
+    slab_product<R>(acc, LocalSlab<R>{Hs}, GlobalMatrix{Bg, C, 0});
+    for_each_acc<R>(acc, [&](int r, int c, float x) { HBs[r * K::LD + c] = x; });
+    zero<R>(acc);
+    slab_product<R>(acc, LocalSlab<R>{Hs}, GlobalMatrix{B2g, C, 0});
+    slab_product<R>(acc, GlobalMatrix{B2g, C, row0}, ClusterMatrix<R>{Hs});
+    cluster.sync();  // HB complete
+    // acc += B (H B); G = 1.5 G - 0.5 acc
+    slab_product<R>(acc, GlobalMatrix{Bg, C, row0}, ClusterMatrix<R>{HBs});
+    for_each_acc<R>(acc, [&](int r, int c, float x) { Gs[r * K::LD + c] = 1.5f * Gs[r * K::LD + c] - 0.5f * x; });
+    cluster.sync();  // the new G is complete; H and HB may be overwritten
+  }
+
+  // k = 1 (B = I): Sbar -= 0.5 G. Then <Sbar, S>.
+  float ss = 0.f;
+  for (int e = threadIdx.x; e < K::kSlab; e += kThreads) {
+    const int r = e / K::LD, c = e % K::LD, i = row0 + r;
+    float sb = Sb[e];
+    if (iters >= 1) sb -= 0.5f * Gs[e];
+    Sb[e] = sb;
+    if (i < C && c < C) ss += sb * S[static_cast<size_t>(i) * C + c];
+  }
+  wp = block_sum(wp, scratch);
+  ss = block_sum(ss, scratch);
+  if (threadIdx.x == 0) {
+    dots[0] = wp;
+    dots[1] = ss;
+  }
+  cluster.sync();  // Sbar and the partial dots of every block are visible
+  float wp_all = 0.f, ss_all = 0.f;
+#pragma unroll
+  for (int q = 0; q < kCluster; ++q) {
+    const float* d = cluster.map_shared_rank(dots, static_cast<unsigned>(q));
+    wp_all += d[0];
+    ss_all += d[1];
+  }
+  const float trbar = -0.5f * (inv_sqrt_tr * inv_tr) * wp_all;
+  const float diag = 2.f * (trbar - ss_all * inv_tr);  // the I term of Sigmabar + Sigmabar^T
+  const float scale = 1.f / static_cast<float>(n_obs - 1);
+  // M = (Sigmabar + Sigmabar^T) / (N - 1), Sigmabar = Sbar / tr + (trbar - <Sbar, S> / tr^2) I.
+  for (int e = threadIdx.x; e < R * C; e += kThreads) {
+    const int r = e / C, c = e % C, i = row0 + r;
+    if (i >= C) break;
+    const float* sbt = cluster.map_shared_rank(Sb, static_cast<unsigned>(c / R));
+    const float sym = Sb[r * K::LD + c] + sbt[(c % R) * K::LD + i];
+    M[static_cast<size_t>(i) * C + c] = (sym * inv_tr + (i == c ? diag : 0.f)) * scale;
+  }
+  cluster.sync();
+}
+
+// ------------------------------------------------------------------ centred Gram (any C)
+constexpr int kGT = 64;        // output tile
+constexpr int kGK = 32;        // observations per shared tile
+constexpr int kGThreads = 128; // 4 warps, 2 x 2 over the tile, 32 x 32 each
+constexpr int kGLD = kGT + 8;  // conflict-free fragment loads (8 t + g covers all banks)
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class T>
+__global__ void __launch_bounds__(kGThreads)
+    centered_gram_kernel(const T* __restrict__ a, int64_t sb, int64_t sn, int64_t sc, const float* __restrict__ mean,
+                         float* __restrict__ ws, int B, int N, int C, int n_per_split) {
+  __shared__ float Ai[kGK][kGLD], Aj[kGK][kGLD];
+  // Upper-triangle tile (ti <= tj) of the nt x nt tile grid.
+  const int nt = (C + kGT - 1) / kGT;
+  int idx = blockIdx.x, ti = 0;
+  while (idx >= nt - ti) {
+    idx -= nt - ti;
+    ++ti;
+  }
+  const int tj = ti + idx;
+  const bool diag_tile = ti == tj;
+  const int split = blockIdx.y, b = blockIdx.z;
+  const int n_begin = split * n_per_split;
+  const int n_end = min(N, n_begin + n_per_split);
+  a += b * sb;
+  mean += static_cast<size_t>(b) * C;
+
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, w = threadIdx.x >> 5;
+  const int m0 = (w >> 1) * 32, c0 = (w & 1) * 32;
+  float acc[2][4][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][q][i] = 0.f;
+
+  for (int n0 = n_begin; n0 < n_end; n0 += kGK) {
+    // Load A[n0:n0+kGK, tile] centred, in fp32; the thread order follows the contiguous dimension.
+    for (int e = threadIdx.x; e < kGK * kGT; e += kGThreads) {
+      const int n = sc == 1 ? e / kGT : e % kGK;
+      const int c = sc == 1 ? e % kGT : e / kGK;
+      const int gn = n0 + n, ci = ti * kGT + c, cj = tj * kGT + c;
+      Ai[n][c] = (gn < n_end && ci < C) ? to_float(a[gn * sn + ci * sc]) - mean[ci] : 0.f;
+      if (!diag_tile) Aj[n][c] = (gn < n_end && cj < C) ? to_float(a[gn * sn + cj * sc]) - mean[cj] : 0.f;
+    }
+    __syncthreads();
+    const float(*Bt)[kGLD] = diag_tile ? Ai : Aj;
+#pragma unroll
+    for (int kk = 0; kk < kGK; kk += 8) {
+      uint32_t ah[2][4], al[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {  // A operand = (A_i)^T: element (m, k) = Ai[k][m]
+        const int m = m0 + mt * 16 + g;
+        split_tf32(Ai[kk + t][m], ah[mt][0], al[mt][0]);
+        split_tf32(Ai[kk + t][m + 8], ah[mt][1], al[mt][1]);
+        split_tf32(Ai[kk + t + 4][m], ah[mt][2], al[mt][2]);
+        split_tf32(Ai[kk + t + 4][m + 8], ah[mt][3], al[mt][3]);
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int n = c0 + q * 8 + g;
+        uint32_t bh[2], bl[2];
+        split_tf32(Bt[kk + t][n], bh[0], bl[0]);
+        split_tf32(Bt[kk + t + 4][n], bh[1], bl[1]);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) mma_3xtf32(acc[mt][q], ah[mt], al[mt], bh, bl);
+      }
+    }
+    __syncthreads();
+  }
+
+  float* out = ws + (static_cast<size_t>(split) * B + b) * C * C;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int gi = ti * kGT + m0 + mt * 16 + g + (i >> 1) * 8;
+        const int gj = tj * kGT + c0 + q * 8 + 2 * t + (i & 1);
+        if (gi < C && gj < C) {
+          out[static_cast<size_t>(gi) * C + gj] = acc[mt][q][i];
+          if (!diag_tile) out[static_cast<size_t>(gj) * C + gi] = acc[mt][q][i];  // mirror
+        }
+      }
+}
+
+template <int R>
+cudaError_t launch_ns_fwd_r(const float* sigma, float* S, float* tr, float* Ps, float* Pp, float* v, int B, int C,
+                            int iters, cudaStream_t stream) {
+  const size_t smem = (4 * Cfg<R>::kSlab + R + kWarps) * sizeof(float);
+  cudaError_t err = cudaFuncSetAttribute(ns_fwd_kernel<R>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  ns_fwd_kernel<R><<<B * kCluster, kThreads, smem, stream>>>(sigma, S, tr, Ps, Pp, v, C, iters);
+  return cudaGetLastError();
+}
+
+template <int R>
+cudaError_t launch_ns_bwd_r(const float* wbar, const float* S, const float* tr, const float* Ps, const float* Pp, float* M,
+                            int B, int C, int iters, int n_obs, cudaStream_t stream) {
+  const size_t smem = (4 * Cfg<R>::kSlab + 2 + kWarps) * sizeof(float);
+  cudaError_t err = cudaFuncSetAttribute(ns_bwd_kernel<R>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  ns_bwd_kernel<R><<<B * kCluster, kThreads, smem, stream>>>(wbar, S, tr, Ps, Pp, M, C, iters, n_obs);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int gram_splits(int B, int N, int C) {
+  // Enough blocks to fill ~2 waves of 132 SMs; each split at least 4 shared tiles of observations.
+  const long long nt = (C + kGT - 1) / kGT, tiles = nt * (nt + 1) / 2 * B;
+  const long long want = (264 + tiles - 1) / tiles;
+  const long long most = (N + 4 * kGK - 1) / (4 * kGK);
+  return static_cast<int>(want < 1 ? 1 : (want > most ? (most < 1 ? 1 : most) : want));
+}
+
+cudaError_t launch_centered_gram(const void* a, DType dt, int64_t sb, int64_t sn, int64_t sc, const float* mean,
+                                 float* ws, int B, int N, int C, cudaStream_t stream) {
+  const int splits = gram_splits(B, N, C);
+  int per = (N + splits - 1) / splits;
+  per = (per + kGK - 1) / kGK * kGK;
+  const int nt = (C + kGT - 1) / kGT;
+  const dim3 grid(nt * (nt + 1) / 2, splits, B);
+  switch (dt) {
+    case DType::f32:
+      centered_gram_kernel<float><<<grid, kGThreads, 0, stream>>>(static_cast<const float*>(a), sb, sn, sc, mean, ws, B, N, C, per);
+      break;
+    case DType::f16:
+      centered_gram_kernel<__half><<<grid, kGThreads, 0, stream>>>(static_cast<const __half*>(a), sb, sn, sc, mean, ws, B, N, C, per);
+      break;
+    case DType::bf16:
+      centered_gram_kernel<__nv_bfloat16><<<grid, kGThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(a), sb, sn, sc, mean, ws, B, N, C, per);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_ns_fwd(const float* sigma, float* S, float* tr, float* Ps, float* Pp, float* v, int B, int C,
+                          int iters, cudaStream_t stream) {
+  if (C <= 16 * kCluster) return launch_ns_fwd_r<16>(sigma, S, tr, Ps, Pp, v, B, C, iters, stream);
+  return launch_ns_fwd_r<32>(sigma, S, tr, Ps, Pp, v, B, C, iters, stream);
+}
+
+cudaError_t launch_ns_bwd(const float* wbar, const float* S, const float* tr, const float* Ps, const float* Pp, float* M,
+                          int B, int C, int iters, int n_obs, cudaStream_t stream) {
+  if (C <= 16 * kCluster) return launch_ns_bwd_r<16>(wbar, S, tr, Ps, Pp, M, B, C, iters, n_obs, stream);
+  return launch_ns_bwd_r<32>(wbar, S, tr, Ps, Pp, M, B, C, iters, n_obs, stream);
+}
+
+}  // namespace intl_cuda

@@ -1,0 +1,154 @@
+// Registration of the intl CUDA kernels as torch ops: torch.ops.intl_cuda.{centered_gram, ns_fwd, ns_bwd}.
+// Schemas are defined once (TORCH_LIBRARY); the CUDA key gets the implementations; the CPU key gets the
+// same functions, whose first check rejects a non-CUDA tensor with a message naming the argument.
+// There are no pybind functions: importing intl_ops._C (or loading the library) runs the registrations.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <climits>
+
+#include "intl_cuda.h"
+
+extern "C" {
+// An empty Python module, so that `import intl_ops._C` loads this library (pytorch/extension-cpp's idiom).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace intl_cuda {
+namespace {
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  check_cuda(t, name);
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+}
+
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want) {
+  TORCH_CHECK(t.sizes() == want, name, " must have shape ", want, ", got ", t.sizes());
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " kernel launch failed: ", cudaGetErrorString(err));
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Sigma = Ac^T Ac / (N - 1) of a (B, N, C) strided view (fp32/fp16/bf16), centred by mean (B, C) fp32.
+at::Tensor centered_gram(const at::Tensor& a, const at::Tensor& mean) {
+  check_cuda(a, "a");
+  check_same_device(mean, "mean", a, "a");
+  TORCH_CHECK(a.dim() == 3, "a must be 3-D (B, N observations, C variables), got shape ", a.sizes());
+  const auto st = a.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+              "a must be float32, float16 or bfloat16, got ", st);
+  const int64_t B = a.size(0), N = a.size(1), C = a.size(2);
+  TORCH_CHECK(N >= 2, "a must have at least 2 observations (dim 1), got shape ", a.sizes());
+  TORCH_CHECK(C >= 1 && N <= INT_MAX && C <= 46340 && B <= 65535, "a has an unsupported shape ", a.sizes());
+  check_f32(mean, "mean");
+  check_shape(mean, "mean", {B, C});
+  if (B == 0) return at::zeros({0, C, C}, a.options().dtype(at::kFloat));
+  const c10::cuda::CUDAGuard guard(a.device());
+  const at::Tensor m = mean.contiguous();
+  const int splits = gram_splits(static_cast<int>(B), static_cast<int>(N), static_cast<int>(C));
+  at::Tensor ws = at::empty({splits, B, C, C}, a.options().dtype(at::kFloat));
+  const DType dt = st == at::kFloat ? DType::f32 : (st == at::kHalf ? DType::f16 : DType::bf16);
+  check_launch(launch_centered_gram(a.data_ptr(), dt, a.stride(0), a.stride(1), a.stride(2), m.data_ptr<float>(),
+                                    ws.data_ptr<float>(), static_cast<int>(B), static_cast<int>(N),
+                                    static_cast<int>(C), current_stream()),
+               "centered_gram");
+  return ws.sum(0).div_(static_cast<double>(N - 1));  // the splits' partial sums, in a fixed order
+}
+
+// One-launch Newton-Schulz forward: (S, tr, Ps, Pp, v) from sigma (B, C, C), C <= 256.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ns_fwd(const at::Tensor& sigma, int64_t iters) {
+  check_cuda(sigma, "sigma");
+  check_f32(sigma, "sigma");
+  TORCH_CHECK(sigma.dim() == 3 && sigma.size(1) == sigma.size(2),
+              "sigma must be 3-D (B, C, C), got shape ", sigma.sizes());
+  const int64_t B = sigma.size(0), C = sigma.size(1);
+  TORCH_CHECK(C >= 1 && C <= kNsMaxC, "sigma has C = ", C, ": the one-launch Newton-Schulz kernel takes 1 <= C <= ",
+              kNsMaxC);
+  TORCH_CHECK(iters >= 0 && iters <= 1000, "iters must be in [0, 1000], got ", iters);
+  TORCH_CHECK(B <= (INT_MAX / 8), "sigma has too many matrices: ", B);
+  const auto opt = sigma.options();
+  at::Tensor S = at::empty({B, C, C}, opt), tr = at::empty({B}, opt), v = at::empty({B, C}, opt);
+  at::Tensor Ps = at::empty({B, iters, C, C}, opt), Pp = at::empty({B, std::max<int64_t>(iters - 1, 0), 2, C, C}, opt);
+  if (B == 0) return {S, tr, Ps, Pp, v};
+  const c10::cuda::CUDAGuard guard(sigma.device());
+  const at::Tensor sg = sigma.contiguous();
+  check_launch(launch_ns_fwd(sg.data_ptr<float>(), S.data_ptr<float>(), tr.data_ptr<float>(), Ps.data_ptr<float>(),
+                             Pp.data_ptr<float>(), v.data_ptr<float>(), static_cast<int>(B), static_cast<int>(C),
+                             static_cast<int>(iters), current_stream()),
+               "ns_fwd");
+  return {S, tr, Ps, Pp, v};
+}
+
+// One-launch Newton-Schulz backward: M = (Sigmabar + Sigmabar^T) / (n_obs - 1) from Wbar = Ac^T Ybar.
+at::Tensor ns_bwd(const at::Tensor& wbar, const at::Tensor& S, const at::Tensor& tr, const at::Tensor& Ps,
+                  const at::Tensor& Pp, int64_t iters, int64_t n_obs) {
+  check_cuda(wbar, "wbar");
+  check_f32(wbar, "wbar");
+  TORCH_CHECK(wbar.dim() == 3 && wbar.size(1) == wbar.size(2), "wbar must be 3-D (B, C, C), got shape ", wbar.sizes());
+  const int64_t B = wbar.size(0), C = wbar.size(1);
+  TORCH_CHECK(C >= 1 && C <= kNsMaxC, "wbar has C = ", C, ": the one-launch Newton-Schulz kernel takes 1 <= C <= ",
+              kNsMaxC);
+  TORCH_CHECK(iters >= 0 && iters <= 1000, "iters must be in [0, 1000], got ", iters);
+  TORCH_CHECK(n_obs >= 2, "n_obs must be at least 2, got ", n_obs);
+  TORCH_CHECK(B <= (INT_MAX / 8), "wbar has too many matrices: ", B);
+  const std::pair<const at::Tensor*, const char*> saved[] = {{&S, "S"}, {&tr, "tr"}, {&Ps, "Ps"}, {&Pp, "Pp"}};
+  for (const auto& [t, name] : saved) {
+    check_same_device(*t, name, wbar, "wbar");
+    check_f32(*t, name);
+  }
+  check_shape(S, "S", {B, C, C});
+  check_shape(tr, "tr", {B});
+  check_shape(Ps, "Ps", {B, iters, C, C});
+  check_shape(Pp, "Pp", {B, std::max<int64_t>(iters - 1, 0), 2, C, C});
+  at::Tensor M = at::empty({B, C, C}, wbar.options());
+  if (B == 0) return M;
+  const c10::cuda::CUDAGuard guard(wbar.device());
+  const at::Tensor w = wbar.contiguous(), s = S.contiguous(), t = tr.contiguous(), ps = Ps.contiguous(),
+                   pp = Pp.contiguous();
+  check_launch(launch_ns_bwd(w.data_ptr<float>(), s.data_ptr<float>(), t.data_ptr<float>(), ps.data_ptr<float>(),
+                             pp.data_ptr<float>(), M.data_ptr<float>(), static_cast<int>(B), static_cast<int>(C),
+                             static_cast<int>(iters), static_cast<int>(n_obs), current_stream()),
+               "ns_bwd");
+  return M;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(intl_cuda, m) {
+  m.def("centered_gram(Tensor a, Tensor mean) -> Tensor");
+  m.def("ns_fwd(Tensor sigma, int iters) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ns_bwd(Tensor wbar, Tensor S, Tensor tr, Tensor Ps, Tensor Pp, int iters, int n_obs) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(intl_cuda, CUDA, m) {
+  m.impl("centered_gram", &centered_gram);
+  m.impl("ns_fwd", &ns_fwd);
+  m.impl("ns_bwd", &ns_bwd);
+}
+
+// CPU tensors reach the same functions, whose first TORCH_CHECK names the argument that is not on CUDA.
+TORCH_LIBRARY_IMPL(intl_cuda, CPU, m) {
+  m.impl("centered_gram", &centered_gram);
+  m.impl("ns_fwd", &ns_fwd);
+  m.impl("ns_bwd", &ns_bwd);
+}
+
+}  // namespace intl_cuda
