@@ -127,7 +127,7 @@ def spectral_transform_fwd_ref(x: Tensor, power: float, axis: int, eps: float) -
     W = (evecs * _g(lam, valid, power).unsqueeze(-2)) @ evecs.mT
     W = W * _tr_scale(tr, power)[..., None, None]
     y = W @ ac.mT if axis == 0 else ac @ W  # W symmetric: axis=0 writes (m, d) = W Ac^T directly
-    return SpectralSaved(y.to(x.dtype).contiguous(), mean, tr, evals, evecs)
+    return SpectralSaved(y.to(x.dtype).contiguous(), mean, tr, evals, evecs.contiguous())  # eigh: column-major
 
 
 def spectral_transform_bwd_ref(grad_y: Tensor, x: Tensor, mean: Tensor, tr: Tensor, evals: Tensor,
