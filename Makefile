@@ -25,3 +25,10 @@ bench: venv
 
 clean:
 	rm -rf build dist *.egg-info runs
+
+# CUDA backend (csrc/): build the extension once (cached under build/), fail on ptxas spills or stack
+# frames, then its CPU-side tests (they reuse the cached build). Skips cleanly without nvcc.
+.PHONY: cuda-check
+cuda-check: venv
+	$(PYTHON) csrc/cuda_check.py
+	$(PYTHON) -m pytest -q tests/test_cuda.py

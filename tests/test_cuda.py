@@ -1,0 +1,230 @@
+"""The CUDA C++ backend (csrc/, intl_ops/backend_cuda.py).
+
+CPU tier (CI, no GPU): the extension builds (cached: `make cuda-check` built it already), imports
+without a GPU, registers torch.ops.intl_cuda.*, rejects CPU tensors naming the argument, has shape
+functions, and importing intl_ops never compiles or fails without it. Skipped with the reason when
+there is no CUDA toolkit.
+GPU tier (@gpu): values and gradients against the float64 literal oracle, with flash-attention's rule
+(error at most 2x that of the reference backend at the same precision), the saved-tensor layout, the
+fused intl_loss path, opcheck, edge cases and argument errors.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import intl_ops
+from intl_ops import backend_cuda, literal
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def ext():
+    reason = backend_cuda.toolkit_reason()
+    if reason is not None:
+        pytest.skip(f"cannot build the CUDA extension: {reason}")
+    backend_cuda.build()
+    return backend_cuda
+
+
+# ------------------------------------------------------------------ CPU tier
+def test_ops_registered(ext):
+    schemas = {name: str(getattr(torch.ops.intl_cuda, name).default._schema) for name in ("centered_gram", "ns_fwd", "ns_bwd")}
+    assert schemas["centered_gram"] == "intl_cuda::centered_gram(Tensor a, Tensor mean) -> Tensor"
+    assert schemas["ns_fwd"] == "intl_cuda::ns_fwd(Tensor sigma, int iters) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    assert schemas["ns_bwd"] == ("intl_cuda::ns_bwd(Tensor wbar, Tensor S, Tensor tr, Tensor Ps, Tensor Pp, "
+                                 "int iters, int n_obs) -> Tensor")
+
+
+@pytest.mark.parametrize("op, args, name", [
+    ("centered_gram", lambda: (torch.randn(2, 7, 5), torch.randn(2, 5)), "a"),
+    ("ns_fwd", lambda: (torch.randn(2, 5, 5), 3), "sigma"),
+    ("ns_bwd", lambda: (torch.randn(1, 5, 5), torch.randn(1, 5, 5), torch.ones(1), torch.randn(1, 2, 5, 5),
+                        torch.randn(1, 1, 2, 5, 5), 2, 7), "wbar"),
+], ids=["centered_gram", "ns_fwd", "ns_bwd"])
+def test_cpu_tensors_rejected_naming_the_argument(ext, op, args, name):
+    with pytest.raises(RuntimeError, match=f"{name} must be a CUDA tensor, got cpu"):
+        getattr(torch.ops.intl_cuda, op)(*args())
+
+
+def test_backend_refuses_cpu_device(ext):
+    assert "CUDA tensors only" in backend_cuda.unavailable_reason(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu"):
+        intl_ops.iternorm(torch.randn(6, 9), backend="cuda")
+
+
+def test_fake_shapes(ext):
+    """The shape functions (meta tensors), as torch.compile sees the ops."""
+    iters, B, N, C = 4, 3, 11, 7
+    sigma = torch.empty(B, C, C, device="meta")
+    S, tr, Ps, Pp, v = torch.ops.intl_cuda.ns_fwd(sigma, iters)
+    assert [t.shape for t in (S, tr, Ps, Pp, v)] == [(B, C, C), (B,), (B, iters, C, C), (B, iters - 1, 2, C, C), (B, C)]
+    assert torch.ops.intl_cuda.ns_fwd(sigma, 0)[3].shape == (B, 0, 2, C, C)
+    a = torch.empty(B, N, C, device="meta", dtype=torch.bfloat16)
+    gram = torch.ops.intl_cuda.centered_gram(a, torch.empty(B, C, device="meta"))
+    assert gram.shape == (B, C, C) and gram.dtype == torch.float32
+    assert torch.ops.intl_cuda.ns_bwd(S, S, tr, Ps, Pp, iters, N).shape == (B, C, C)
+
+
+def test_import_never_builds(tmp_path):
+    """Importing intl_ops without a built extension neither compiles nor fails; the reason is reported."""
+    env = {**os.environ, "INTL_OPS_JIT": "0", "INTL_OPS_CUDA_BUILD_DIR": str(tmp_path / "cache")}
+    code = ("import torch, intl_ops; from intl_ops import backend_cuda as b; "
+            "print(b._loaded); print(intl_ops.available_backends('cuda')['cuda'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded, reason = out.stdout.strip().splitlines()[-2:]
+    if loaded == "None":  # no intl_ops._C (the editable install builds without it)
+        assert "not built" in reason and "INTL_OPS_JIT=1" in reason
+    else:
+        assert loaded == "intl_ops._C"
+    assert not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------------------ GPU tier
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _assert_2x(got, ref, oracle, dtype, what):
+    """flash-attention's rule: |got - oracle| <= 2 |ref - oracle| + atol * scale."""
+    e_got, e_ref = _err(got, oracle), _err(ref, oracle)
+    scale = max(oracle.abs().max().item(), 1.0)
+    assert e_got <= 2 * e_ref + ATOL[dtype] * scale, (
+        f"{what}: cuda error {e_got:.3g} vs reference error {e_ref:.3g} (scale {scale:.3g})")
+
+
+def _random(shape, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    # non-zero means and unequal scales: centring and conditioning both matter
+    x = torch.randn(shape, device="cuda", generator=g) * (1 + torch.rand(shape[-1], device="cuda", generator=g))
+    return (x + 0.3).to(dtype)
+
+
+def _run(x, gy, iters, axis, backend):
+    x = x.detach().clone().requires_grad_(True)
+    y = intl_ops.iternorm(x, iters, axis, backend=backend)
+    y.backward(gy)
+    return y.detach(), x.grad
+
+
+# (m, d): axis=0 whitens C = m variables, axis=1 C = d. Covers C <= 128 (R=16), 128 < C <= 256 (R=32),
+# C > 256 (torch Newton-Schulz), and sizes that are multiples of no tile.
+SHAPES = [(37, 53), (130, 77), (9, 300), (300, 40)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("iters", [0, 1, 2, 4, 5])
+@pytest.mark.parametrize("axis", [0, 1], ids=["axis0", "axis1"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_iternorm_matches_literal(ext, shape, axis, iters, dtype):
+    x = _random(shape, dtype)
+    gy = torch.randn(shape, device="cuda")
+    y_c, g_c = _run(x, gy.to(dtype), iters, axis, "cuda")
+    y_r, g_r = _run(x, gy.to(dtype), iters, axis, "reference")
+    x64 = x.double().requires_grad_(True)
+    y_o = literal.iternorm(x64, iters, axis)
+    y_o.backward(gy.to(dtype).double())
+    assert y_c.dtype == dtype and y_c.shape == shape and g_c.dtype == dtype
+    _assert_2x(y_c, y_r, y_o.detach(), dtype, "y")
+    _assert_2x(g_c, g_r, x64.grad, dtype, "grad x")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_default_shape(ext, dtype):
+    """The reference default: 256 samples x 8192 features, axis=0 (C = 256, N = 8192), T = 4."""
+    shape = (256, 8192)
+    x, gy = _random(shape, dtype, seed=1), torch.randn(shape, device="cuda").to(dtype)
+    y_c, g_c = _run(x, gy, 4, 0, "cuda")
+    y_r, g_r = _run(x, gy, 4, 0, "reference")
+    x64 = x.double().requires_grad_(True)
+    y_o = literal.iternorm(x64, 4, 0)
+    y_o.backward(gy.double())
+    _assert_2x(y_c, y_r, y_o.detach(), dtype, "y")
+    _assert_2x(g_c, g_r, x64.grad, dtype, "grad x")
+
+
+@gpu
+@pytest.mark.parametrize("axis", [0, 1], ids=["axis0", "axis1"])
+@pytest.mark.parametrize("C_side", [45, 200])
+def test_saved_layout_matches_reference(ext, axis, C_side):
+    """Every saved tensor (K views at once) has the reference's shape, dtype and values."""
+    shape = (3, C_side, 70) if axis == 0 else (3, 70, C_side)
+    x = _random(shape, torch.float32, seed=2)
+    got = torch.ops.intl.iternorm_fwd(x, 4, axis, "cuda")
+    want = torch.ops.intl.iternorm_fwd(x, 4, axis, "reference")
+    for name, g, w in zip(intl_ops.reference.IterNormSaved._fields, got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        torch.testing.assert_close(g, w, rtol=2e-4, atol=2e-5, msg=name)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("axis", [0, 1], ids=["axis0", "axis1"])
+def test_intl_loss_matches_literal(ext, axis, dtype):
+    """The fused path: trace loss from the kernel's output variances, gradients through v."""
+    views = _random((2, 64, 96), dtype, seed=3)
+    out = {}
+    for backend in ("cuda", "reference"):
+        v = views.detach().clone().requires_grad_(True)
+        loss = intl_ops.intl_loss(v, 4, axis, backend=backend)
+        loss.backward()
+        out[backend] = (loss.detach(), v.grad)
+    v64 = views.double().requires_grad_(True)
+    loss64 = literal.intl_loss(list(v64), 4, axis)
+    loss64.backward()
+    _assert_2x(out["cuda"][0], out["reference"][0], loss64.detach(), dtype, "loss")
+    _assert_2x(out["cuda"][1], out["reference"][1], v64.grad, dtype, "grad views")
+
+
+@gpu
+@pytest.mark.parametrize("axis", [0, 1], ids=["axis0", "axis1"])
+def test_opcheck(ext, axis):
+    x = _random((2, 33, 47), torch.float32, seed=4).requires_grad_(True)
+    for iters in (0, 1, 3):
+        torch.library.opcheck(torch.ops.intl.iternorm_fwd.default, (x, iters, axis, "cuda"))
+    y, mean, S, tr, Ps, Pp, v = torch.ops.intl.iternorm_fwd(x.detach(), 3, axis, "cuda")
+    torch.library.opcheck(torch.ops.intl.iternorm_bwd.default,
+                          (torch.randn_like(y), torch.randn_like(v), y, x.detach(), mean, S, tr, Ps, Pp, 3, axis, "cuda"))
+    a = intl_ops.reference.as_observations(x.detach(), axis)
+    sigma = torch.ops.intl_cuda.centered_gram(a, a.mean(1))
+    torch.library.opcheck(torch.ops.intl_cuda.centered_gram.default, (a, a.mean(1)))
+    torch.library.opcheck(torch.ops.intl_cuda.ns_fwd.default, (sigma, 3))
+    torch.library.opcheck(torch.ops.intl_cuda.ns_bwd.default, (torch.randn_like(S), S, tr, Ps, Pp, 3, a.shape[1]))
+
+
+@gpu
+def test_constant_input_gives_zeros(ext):
+    """trace(Sigma) = 0: the output and its gradient are 0, as in the reference (no NaN)."""
+    x = torch.full((20, 30), 2.5, device="cuda", requires_grad=True)
+    y = intl_ops.iternorm(x, 4, 0, backend="cuda")
+    y.backward(torch.randn_like(y))
+    assert torch.equal(y, torch.zeros_like(y)) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad, torch.zeros_like(x))
+
+
+@gpu
+def test_argument_errors(ext):
+    ok = torch.randn(2, 5, 5, device="cuda")
+    with pytest.raises(RuntimeError, match="sigma has C = 257"):
+        torch.ops.intl_cuda.ns_fwd(torch.randn(1, 257, 257, device="cuda"), 2)
+    with pytest.raises(RuntimeError, match="sigma must be float32"):
+        torch.ops.intl_cuda.ns_fwd(ok.double(), 2)
+    with pytest.raises(RuntimeError, match="sigma must be 3-D"):
+        torch.ops.intl_cuda.ns_fwd(ok[0], 2)
+    with pytest.raises(RuntimeError, match="Ps must have shape"):
+        torch.ops.intl_cuda.ns_bwd(ok, ok, ok[:, 0, 0], ok.new_empty(2, 3, 5, 5), ok.new_empty(2, 1, 2, 5, 5), 2, 9)
+    with pytest.raises(RuntimeError, match="mean must have shape"):
+        torch.ops.intl_cuda.centered_gram(ok, ok[:, 0, :4].contiguous())
+    with pytest.raises(RuntimeError, match="a must be float32, float16 or bfloat16"):
+        torch.ops.intl_cuda.centered_gram(ok.double(), ok[:, 0])
