@@ -146,12 +146,13 @@ def spectral_transform_bwd_ref(grad_y: Tensor, x: Tensor, mean: Tensor, tr: Tens
     acbar = ybar @ (s * phi)
     phibar = s * Wbar
     trbar = -power * (Wbar * phi).sum((-2, -1)) * s[..., 0, 0] * inv_tr  # d tr^-p / d tr = -p tr^-p / tr
-    inner = evecs.mT @ phibar @ evecs
-    Sbar = evecs @ (_divided_differences(lam, valid, power) * inner) @ evecs.mT
-    Sbar = 0.5 * (Sbar + Sbar.mT)
-    S = (ac.mT @ ac) / (n_obs - 1) * inv_tr[..., None, None]
-    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
-    sigmabar = Sbar * inv_tr[..., None, None] + (trbar - (Sbar * S).sum((-2, -1)) * inv_tr)[..., None, None] * eye
+    # Daleckii-Krein in S's eigenbasis; symmetrised, as only symmetric perturbations of S exist
+    inner = _divided_differences(lam, valid, power) * (evecs.mT @ phibar @ evecs)
+    inner = 0.5 * (inner + inner.mT)
+    Sbar = evecs @ inner @ evecs.mT
+    sbar_dot_s = (evals * inner.diagonal(dim1=-2, dim2=-1)).sum(-1)  # <Sbar, S> without forming S
+    eye = torch.eye(Sbar.shape[-1], dtype=Sbar.dtype, device=Sbar.device)
+    sigmabar = Sbar * inv_tr[..., None, None] + ((trbar - sbar_dot_s * inv_tr)[..., None, None] * eye)
     acbar = acbar + ac @ (2.0 / (n_obs - 1) * sigmabar)  # sigmabar is symmetric
     abar = acbar - acbar.mean(dim=-2, keepdim=True)
     return as_observations(abar, axis).to(x.dtype).contiguous()
