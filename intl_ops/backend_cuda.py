@@ -41,6 +41,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 CSRC = _ROOT / "csrc"
 SOURCES = (CSRC / "intl_ops.cpp", CSRC / "intl_kernels.cu")
 
+_K = torch.ops.intl_cuda  # the kernels (tests swap in an emulation of their math to check the glue on CPU)
 _loaded: str | None = None  # where the ops came from, once registered
 _load_error: str | None = None
 
@@ -217,9 +218,9 @@ def iternorm_fwd(x: Tensor, iters: int, axis: int) -> IterNormSaved:
     a = as_observations(x3, axis)  # (B, N, C) strided view, no copy
     B, N, C = a.shape
     mean = a.mean(dim=1, dtype=torch.float32)
-    sigma = torch.ops.intl_cuda.centered_gram(a, mean)
+    sigma = _K.centered_gram(a, mean)
     if C <= NS_MAX_C:
-        S, tr, Ps, Pp, v = torch.ops.intl_cuda.ns_fwd(sigma, iters)
+        S, tr, Ps, Pp, v = _K.ns_fwd(sigma, iters)
     else:
         S, tr, Ps, Pp = _ns_fwd_torch(sigma, iters)
     P_T = Ps[:, -1] if iters >= 1 else torch.eye(C, dtype=S.dtype, device=S.device).expand_as(S)
@@ -254,7 +255,7 @@ def iternorm_bwd(grad_y: Tensor, grad_v: Tensor, y: Tensor, x: Tensor, mean: Ten
     P_T = Ps[:, -1] if iters >= 1 else torch.eye(C, dtype=S.dtype, device=S.device).expand_as(S)
     W = P_T * _inv_sqrt(tr)[:, None, None]
     wbar = ac.mT @ ybar
-    M = torch.ops.intl_cuda.ns_bwd(wbar, S, tr, Ps, Pp, iters, N)
+    M = _K.ns_bwd(wbar, S, tr, Ps, Pp, iters, N)
     acbar = torch.baddbmm(ybar @ W.mT, ac, M)
     abar = acbar - acbar.mean(dim=1, keepdim=True)
     return as_observations(abar, axis).to(x.dtype).contiguous().reshape(x.shape)

@@ -85,6 +85,71 @@ def test_import_never_builds(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+# The kernels' math, written as the kernels decompose it (csrc/intl_kernels.cu), in torch: swapped in
+# for torch.ops.intl_cuda, it checks on CPU that backend_cuda's glue around the kernels (views, batch,
+# the fused output variances, the backward's M = (Sigmabar + Sigmabar^T) / (N - 1)) is the reference's math.
+class _EmulatedKernels:
+    @staticmethod
+    def centered_gram(a, mean):
+        ac = a.float() - mean[:, None, :]
+        return ac.mT @ ac / (a.shape[1] - 1)
+
+    @staticmethod
+    def ns_fwd(sigma, iters):
+        B, C = sigma.shape[:2]
+        tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)
+        S = sigma * torch.where(tr > 0, 1 / tr, 0)[:, None, None]
+        eye = torch.eye(C).expand_as(S)
+        Ps, Pp = S.new_empty(B, iters, C, C), S.new_empty(B, max(iters - 1, 0), 2, C, C)
+        P = 1.5 * eye - 0.5 * S if iters >= 1 else eye
+        if iters >= 1:
+            Ps[:, 0] = P
+        for k in range(2, iters + 1):  # X = B B, Y = X B, P_k = 1.5 B - 0.5 Y S
+            X = P @ P
+            Y = X @ P
+            Pp[:, k - 2, 0], Pp[:, k - 2, 1] = X, Y
+            P = 1.5 * P - 0.5 * Y @ S
+            Ps[:, k - 1] = P
+        v = ((P @ S) * P).sum(-1)  # diag(P_T S P_T), P_T symmetric
+        return S, tr, Ps, Pp, v
+
+    @staticmethod
+    def ns_bwd(wbar, S, tr, Ps, Pp, iters, n_obs):
+        C = S.shape[-1]
+        inv_tr = torch.where(tr > 0, 1 / tr, 0)[:, None, None]
+        inv_sqrt = inv_tr.sqrt()
+        PT = Ps[:, iters - 1] if iters >= 1 else torch.eye(C).expand_as(S)
+        G, Sb = wbar * inv_sqrt, torch.zeros_like(S)
+        for k in range(iters, 1, -1):
+            Bm, B2, B3 = Ps[:, k - 2], Pp[:, k - 2, 0], Pp[:, k - 2, 1]
+            Sb = Sb - 0.5 * B3 @ G
+            H = G @ S
+            G = 1.5 * G - 0.5 * (H @ B2 + B2 @ H + Bm @ (H @ Bm))
+        if iters >= 1:
+            Sb = Sb - 0.5 * G
+        trbar = -0.5 * inv_sqrt * inv_tr * (wbar * PT).sum((-2, -1), keepdim=True)
+        diag = 2 * (trbar - (Sb * S).sum((-2, -1), keepdim=True) * inv_tr)
+        return ((Sb + Sb.mT) * inv_tr + diag * torch.eye(C)) / (n_obs - 1)
+
+
+@pytest.mark.parametrize("iters", [0, 1, 2, 5])
+@pytest.mark.parametrize("axis", [0, 1], ids=["axis0", "axis1"])
+@pytest.mark.parametrize("shape", [(13, 21), (2, 40, 9), (3, 300, 17)], ids=["2d", "batched", "C300"])
+def test_glue_matches_reference_with_emulated_kernels(monkeypatch, shape, axis, iters):
+    monkeypatch.setattr(backend_cuda, "_K", _EmulatedKernels)
+    x = torch.randn(shape) * 2 + 0.7
+    got = backend_cuda.iternorm_fwd(x, iters, axis)
+    want = intl_ops.reference.iternorm_fwd(x, iters, axis)
+    for name, g, w in zip(intl_ops.reference.IterNormSaved._fields, got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
+    gy, gv = torch.randn_like(got.y), torch.randn_like(got.v)
+    gx = backend_cuda.iternorm_bwd(gy, gv, got.y, x, *got[1:6], iters, axis)
+    gx_ref = intl_ops.reference.iternorm_bwd(gy, gv, want.y, x, *want[1:6], iters, axis)
+    assert gx.shape == x.shape and gx.dtype == x.dtype
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ GPU tier
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
