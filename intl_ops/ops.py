@@ -15,6 +15,11 @@ from .reference import compute_dtype
 _Saved = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
+def _no_autocast(t: Tensor):
+    """The ops compute in fp32 (fp64) whatever autocast region they are called from."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def _dims(x: Tensor, axis: int) -> tuple[int, int]:
     """(N observations, C variables) of a (*, m, d) input."""
     m, d = x.shape[-2], x.shape[-1]
@@ -25,7 +30,8 @@ def _dims(x: Tensor, axis: int) -> tuple[int, int]:
 @torch.library.custom_op("intl::iternorm_fwd", mutates_args=())
 def iternorm_fwd(x: Tensor, iters: int, axis: int, backend: str) -> _Saved:
     """IterNorm of x (*, m, d): (y, mean, S, tr, Ps, Pp, v) as documented in intl_ops.reference."""
-    return tuple(impl(backend, "iternorm_fwd")(x, iters, axis))
+    with _no_autocast(x):
+        return tuple(impl(backend, "iternorm_fwd")(x, iters, axis))
 
 
 @iternorm_fwd.register_fake
@@ -40,7 +46,8 @@ def _(x, iters, axis, backend):
 @torch.library.custom_op("intl::iternorm_bwd", mutates_args=())
 def iternorm_bwd(grad_y: Tensor, grad_v: Tensor, y: Tensor, x: Tensor, mean: Tensor, S: Tensor, tr: Tensor,
                  Ps: Tensor, Pp: Tensor, iters: int, axis: int, backend: str) -> Tensor:
-    return impl(backend, "iternorm_bwd")(grad_y, grad_v, y, x, mean, S, tr, Ps, Pp, iters, axis)
+    with _no_autocast(x):
+        return impl(backend, "iternorm_bwd")(grad_y, grad_v, y, x, mean, S, tr, Ps, Pp, iters, axis)
 
 
 @iternorm_bwd.register_fake
@@ -72,7 +79,8 @@ iternorm_fwd.register_autograd(_iternorm_backward, setup_context=_iternorm_setup
 @torch.library.custom_op("intl::trace_loss", mutates_args=())
 def trace_loss(y: Tensor, axis: int, backend: str) -> Tensor:
     """sum_j (var_j(y) - 1)^2 over the variables of `axis`, shape y.shape[:-2], fp32 (fp64 for fp64)."""
-    return impl(backend, "trace_loss_fwd")(y, axis)
+    with _no_autocast(y):
+        return impl(backend, "trace_loss_fwd")(y, axis)
 
 
 @trace_loss.register_fake
@@ -82,7 +90,8 @@ def _(y, axis, backend):
 
 @torch.library.custom_op("intl::trace_loss_bwd", mutates_args=())
 def trace_loss_bwd(grad: Tensor, y: Tensor, axis: int, backend: str) -> Tensor:
-    return impl(backend, "trace_loss_bwd")(grad, y, axis)
+    with _no_autocast(y):
+        return impl(backend, "trace_loss_bwd")(grad, y, axis)
 
 
 @trace_loss_bwd.register_fake
@@ -108,7 +117,8 @@ trace_loss.register_autograd(_trace_loss_backward, setup_context=_trace_loss_set
 @torch.library.custom_op("intl::nmse", mutates_args=())
 def nmse(a: Tensor, b: Tensor, backend: str) -> Tensor:
     """2 - 2 * mean over rows of cos(a_i, b_i); a and b (*, m, d) of one shape; result (*,)."""
-    return impl(backend, "nmse_fwd")(a, b)
+    with _no_autocast(a):
+        return impl(backend, "nmse_fwd")(a, b)
 
 
 @nmse.register_fake
@@ -118,7 +128,8 @@ def _(a, b, backend):
 
 @torch.library.custom_op("intl::nmse_bwd", mutates_args=())
 def nmse_bwd(grad: Tensor, a: Tensor, b: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    ga, gb = impl(backend, "nmse_bwd")(grad, a, b)
+    with _no_autocast(a):
+        ga, gb = impl(backend, "nmse_bwd")(grad, a, b)
     return ga.contiguous(), gb.contiguous()
 
 

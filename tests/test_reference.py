@@ -243,3 +243,16 @@ def test_return_parts_add_up():
     torch.testing.assert_close(loss, parts["align"] + parts["beta"] * parts["trace"])
     assert not parts["align"].requires_grad
     assert math.isclose(parts["beta"], 0.1)
+
+
+def test_autocast_does_not_lower_internal_precision():
+    x = _rand(24, 40).float().requires_grad_()
+    y_plain = intl_ops.iternorm(x, 4, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_amp = intl_ops.iternorm(x, 4, 0)
+        loss = intl_ops.intl_loss([x, x.flip(0)], 4, 0)
+    assert y_amp.dtype == torch.float32 and loss.dtype == torch.float32
+    torch.testing.assert_close(y_amp, y_plain)
+    loss.backward()
+    ref = literal.intl_loss([x.detach().double(), x.detach().double().flip(0)], 4, 0)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
