@@ -14,6 +14,8 @@
 #include "intl_cuda.h"
 
 #include <cooperative_groups.h>
+#include <cstdlib>
+#include <cstring>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -93,12 +95,17 @@ struct ClusterMatrix {
 };
 
 // Either operand: a C x C row-major matrix in global memory (rows offset by row0), zero outside C x C.
+// kWrittenHere: the matrix was written during this kernel (by other blocks, before a cluster barrier), so
+// it is read through L2 (ld.global.cg), never through the non-coherent read-only path.
+template <bool kWrittenHere = false>
 struct GlobalMatrix {
   const float* p;
   int C, row0;
   __device__ __forceinline__ float at(int r, int c) const {
     r += row0;
-    return (r < C && c < C) ? __ldg(p + static_cast<size_t>(r) * C + c) : 0.f;
+    if (r >= C || c >= C) return 0.f;
+    const float* q = p + static_cast<size_t>(r) * C + c;
+    return kWrittenHere ? __ldcg(q) : __ldg(q);
   }
 };
 
@@ -122,7 +129,7 @@ __device__ __forceinline__ void slab_product(Acc<R>& acc, AOp X, BOp Y) {
   using K = Cfg<R>;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n0 = (threadIdx.x >> 5) * R;
-#pragma unroll 1
+#pragma unroll 2  // lets the next step's loads overlap this step's mma
   for (int k0 = 0; k0 < K::CP; k0 += 8) {
     uint32_t ah[K::MT][4], al[K::MT][4];
 #pragma unroll
@@ -164,7 +171,19 @@ __device__ __forceinline__ void store_if(float* dst, int i, int c, int C, float 
 
 // ------------------------------------------------------------------ Newton-Schulz forward
 // Shared memory: S, B (= P_{k-1}), X (P_k^2, then P_k), Y (P_k^3) slabs + R + kWarps floats.
-template <int R>
+// The remote operand (P_{k-1} or S, the whole matrix) comes from the other blocks' shared memory
+// (kFromL2 = false, the default) or from the copies this kernel writes to Ps / S_out, through L2
+// (kFromL2 = true): which is faster depends on DSMEM vs L2 bandwidth per SM; env INTL_OPS_NS_OPERAND=l2.
+template <int R, bool kFromL2, class AOp>
+__device__ __forceinline__ void times_full(Acc<R>& acc, AOp X, const float* smem_slab, const float* global, int C) {
+  if constexpr (kFromL2) {
+    slab_product<R>(acc, X, GlobalMatrix<true>{global, C, 0});
+  } else {
+    slab_product<R>(acc, X, ClusterMatrix<R>{smem_slab});
+  }
+}
+
+template <int R, bool kFromL2>
 __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
     ns_fwd_kernel(const float* __restrict__ sigma, float* __restrict__ S_out, float* __restrict__ tr_out,
                   float* __restrict__ Ps, float* __restrict__ Pp, float* __restrict__ v_out, int C, int iters) {
@@ -216,9 +235,10 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
     float* P2g = Pp + static_cast<size_t>(k - 2) * 2 * CC;
     float* P3g = P2g + CC;
     float* Pkg = Ps + static_cast<size_t>(k - 1) * CC;
+    const float* Bg = Pkg - CC;  // P_{k-1}, as written to Ps
     // X = B^2 (local B rows times the cluster's B)
     zero<R>(acc);
-    slab_product<R>(acc, LocalSlab<R>{Bs}, ClusterMatrix<R>{Bs});
+    times_full<R, kFromL2>(acc, LocalSlab<R>{Bs}, Bs, Bg, C);
     for_each_acc<R>(acc, [&](int r, int c, float x) {
       Xs[r * K::LD + c] = x;
       store_if(P2g, row0 + r, c, C, x);
@@ -226,7 +246,7 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
     __syncthreads();
     // Y = B^3 = X B
     zero<R>(acc);
-    slab_product<R>(acc, LocalSlab<R>{Xs}, ClusterMatrix<R>{Bs});
+    times_full<R, kFromL2>(acc, LocalSlab<R>{Xs}, Bs, Bg, C);
     for_each_acc<R>(acc, [&](int r, int c, float x) {
       Ys[r * K::LD + c] = x;
       store_if(P3g, row0 + r, c, C, x);
@@ -234,7 +254,7 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
     __syncthreads();
     // P_k = 1.5 B - 0.5 Y S, written over X (only ever read locally)
     zero<R>(acc);
-    slab_product<R>(acc, LocalSlab<R>{Ys}, ClusterMatrix<R>{Ss});
+    times_full<R, kFromL2>(acc, LocalSlab<R>{Ys}, Ss, S_out, C);
     for_each_acc<R>(acc, [&](int r, int c, float x) {
       const float p = 1.5f * Bs[r * K::LD + c] - 0.5f * x;
       Xs[r * K::LD + c] = p;
@@ -248,7 +268,7 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
 
   // v_i = (P_T S P_T)_ii = sum_c (P_T S)_ic (P_T)_ic, P_T symmetric: the output variances.
   zero<R>(acc);
-  slab_product<R>(acc, LocalSlab<R>{Bs}, ClusterMatrix<R>{Ss});
+  times_full<R, kFromL2>(acc, LocalSlab<R>{Bs}, Ss, S_out, C);
   {
     using KK = Cfg<R>;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -327,22 +347,22 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
     const float* B3g = B2g + CC;
     // Sbar -= 0.5 B^3 G (G from the cluster); H = G S
     zero<R>(acc);
-    slab_product<R>(acc, GlobalMatrix{B3g, C, row0}, ClusterMatrix<R>{Gs});
+    slab_product<R>(acc, GlobalMatrix<>{B3g, C, row0}, ClusterMatrix<R>{Gs});
     for_each_acc<R>(acc, [&](int r, int c, float x) { Sb[r * K::LD + c] -= 0.5f * x; });
     zero<R>(acc);
-    slab_product<R>(acc, LocalSlab<R>{Gs}, GlobalMatrix{S, C, 0});
+    slab_product<R>(acc, LocalSlab<R>{Gs}, GlobalMatrix<>{S, C, 0});
     for_each_acc<R>(acc, [&](int r, int c, float x) { Hs[r * K::LD + c] = x; });
     cluster.sync();  // H complete; every block is done reading G
     // HB = H B; acc = H B^2 + B^2 H
     zero<R>(acc);
-    slab_product<R>(acc, LocalSlab<R>{Hs}, GlobalMatrix{Bg, C, 0});
+    slab_product<R>(acc, LocalSlab<R>{Hs}, GlobalMatrix<>{Bg, C, 0});
     for_each_acc<R>(acc, [&](int r, int c, float x) { HBs[r * K::LD + c] = x; });
     zero<R>(acc);
-    slab_product<R>(acc, LocalSlab<R>{Hs}, GlobalMatrix{B2g, C, 0});
-    slab_product<R>(acc, GlobalMatrix{B2g, C, row0}, ClusterMatrix<R>{Hs});
+    slab_product<R>(acc, LocalSlab<R>{Hs}, GlobalMatrix<>{B2g, C, 0});
+    slab_product<R>(acc, GlobalMatrix<>{B2g, C, row0}, ClusterMatrix<R>{Hs});
     cluster.sync();  // HB complete
     // acc += B (H B); G = 1.5 G - 0.5 acc
-    slab_product<R>(acc, GlobalMatrix{Bg, C, row0}, ClusterMatrix<R>{HBs});
+    slab_product<R>(acc, GlobalMatrix<>{Bg, C, row0}, ClusterMatrix<R>{HBs});
     for_each_acc<R>(acc, [&](int r, int c, float x) { Gs[r * K::LD + c] = 1.5f * Gs[r * K::LD + c] - 0.5f * x; });
     cluster.sync();  // the new G is complete; H and HB may be overwritten
   }
@@ -475,14 +495,20 @@ __global__ void __launch_bounds__(kGThreads)
       }
 }
 
-template <int R>
+template <int R, bool kFromL2>
 cudaError_t launch_ns_fwd_r(const float* sigma, float* S, float* tr, float* Ps, float* Pp, float* v, int B, int C,
                             int iters, cudaStream_t stream) {
   const size_t smem = (4 * Cfg<R>::kSlab + R + kWarps) * sizeof(float);
-  cudaError_t err = cudaFuncSetAttribute(ns_fwd_kernel<R>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  auto kernel = ns_fwd_kernel<R, kFromL2>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  ns_fwd_kernel<R><<<B * kCluster, kThreads, smem, stream>>>(sigma, S, tr, Ps, Pp, v, C, iters);
+  kernel<<<B * kCluster, kThreads, smem, stream>>>(sigma, S, tr, Ps, Pp, v, C, iters);
   return cudaGetLastError();
+}
+
+bool operand_from_l2() {
+  const char* env = std::getenv("INTL_OPS_NS_OPERAND");
+  return env != nullptr && std::strcmp(env, "l2") == 0;
 }
 
 template <int R>
@@ -495,21 +521,30 @@ cudaError_t launch_ns_bwd_r(const float* wbar, const float* S, const float* tr, 
   return cudaGetLastError();
 }
 
+// How the observations are split: `per` (a multiple of kGK) per split, enough splits to fill ~2 waves
+// of 132 SMs with the triangle's tiles, each split at least 4 shared tiles long.
+void gram_split_plan(int B, int N, int C, int& splits, int& per) {
+  const long long nt = (C + kGT - 1) / kGT, tiles = nt * (nt + 1) / 2 * B;
+  long long want = (264 + tiles - 1) / tiles;
+  const long long most = (N + 4 * kGK - 1) / (4 * kGK);
+  want = want > most ? most : want;
+  want = want < 1 ? 1 : want;
+  per = static_cast<int>(((N + want - 1) / want + kGK - 1) / kGK * kGK);
+  splits = (N + per - 1) / per;  // no empty split
+}
+
 }  // namespace
 
 int gram_splits(int B, int N, int C) {
-  // Enough blocks to fill ~2 waves of 132 SMs; each split at least 4 shared tiles of observations.
-  const long long nt = (C + kGT - 1) / kGT, tiles = nt * (nt + 1) / 2 * B;
-  const long long want = (264 + tiles - 1) / tiles;
-  const long long most = (N + 4 * kGK - 1) / (4 * kGK);
-  return static_cast<int>(want < 1 ? 1 : (want > most ? (most < 1 ? 1 : most) : want));
+  int splits, per;
+  gram_split_plan(B, N, C, splits, per);
+  return splits;
 }
 
 cudaError_t launch_centered_gram(const void* a, DType dt, int64_t sb, int64_t sn, int64_t sc, const float* mean,
                                  float* ws, int B, int N, int C, cudaStream_t stream) {
-  const int splits = gram_splits(B, N, C);
-  int per = (N + splits - 1) / splits;
-  per = (per + kGK - 1) / kGK * kGK;
+  int splits, per;
+  gram_split_plan(B, N, C, splits, per);
   const int nt = (C + kGT - 1) / kGT;
   const dim3 grid(nt * (nt + 1) / 2, splits, B);
   switch (dt) {
@@ -528,8 +563,12 @@ cudaError_t launch_centered_gram(const void* a, DType dt, int64_t sb, int64_t sn
 
 cudaError_t launch_ns_fwd(const float* sigma, float* S, float* tr, float* Ps, float* Pp, float* v, int B, int C,
                           int iters, cudaStream_t stream) {
-  if (C <= 16 * kCluster) return launch_ns_fwd_r<16>(sigma, S, tr, Ps, Pp, v, B, C, iters, stream);
-  return launch_ns_fwd_r<32>(sigma, S, tr, Ps, Pp, v, B, C, iters, stream);
+  const bool l2 = operand_from_l2();
+  if (C <= 16 * kCluster)
+    return l2 ? launch_ns_fwd_r<16, true>(sigma, S, tr, Ps, Pp, v, B, C, iters, stream)
+              : launch_ns_fwd_r<16, false>(sigma, S, tr, Ps, Pp, v, B, C, iters, stream);
+  return l2 ? launch_ns_fwd_r<32, true>(sigma, S, tr, Ps, Pp, v, B, C, iters, stream)
+            : launch_ns_fwd_r<32, false>(sigma, S, tr, Ps, Pp, v, B, C, iters, stream);
 }
 
 cudaError_t launch_ns_bwd(const float* wbar, const float* S, const float* tr, const float* Ps, const float* Pp, float* M,

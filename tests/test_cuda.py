@@ -293,3 +293,16 @@ def test_argument_errors(ext):
         torch.ops.intl_cuda.centered_gram(ok, ok[:, 0, :4].contiguous())
     with pytest.raises(RuntimeError, match="a must be float32, float16 or bfloat16"):
         torch.ops.intl_cuda.centered_gram(ok.double(), ok[:, 0])
+
+
+@gpu
+@pytest.mark.parametrize("C_side", [45, 256])
+def test_forward_operand_from_l2_is_identical(ext, monkeypatch, C_side):
+    """INTL_OPS_NS_OPERAND=l2 (the remote operand read through L2 instead of distributed shared
+    memory) performs the same arithmetic: bitwise-equal results."""
+    x = _random((2, C_side, 300), torch.float32, seed=5)
+    dsmem = torch.ops.intl.iternorm_fwd(x, 5, 0, "cuda")
+    monkeypatch.setenv("INTL_OPS_NS_OPERAND", "l2")
+    l2 = torch.ops.intl.iternorm_fwd(x, 5, 0, "cuda")
+    for name, a, b in zip(intl_ops.reference.IterNormSaved._fields, dsmem, l2):
+        assert torch.equal(a, b), name
