@@ -1,0 +1,159 @@
+"""Triton backend of the `intl` ops: the functions of intl_ops.reference, computed by kernels/.
+
+Same signatures and the same saved-tensor layout as the reference (see intl_ops.reference):
+y (*, m, d) in x's dtype, contiguous; mean (*, C), S (*, C, C), tr (*), Ps (*, T, C, C),
+Pp (*, T-1, 2, C, C), v (*, C), all fp32 for fp16/bf16/fp32 inputs.
+
+Dtypes: fp16, bf16 and fp32 run the kernels (fp32 accumulation; fp32 products follow
+torch.get_float32_matmul_precision(): tf32 unless "highest"). fp64 is not compiled into the kernels:
+fp64 inputs run the reference math (the oracle's precision) on the same device, so backend="triton"
+never fails on a dtype; `uses_kernels(dtype)` says which path a dtype takes.
+
+Devices: CUDA tensors when a GPU and Triton are present; CPU tensors only under the Triton
+interpreter (TRITON_INTERPRET=1 set before this module is imported), as CI runs it.
+
+Launches per call (B views batched in every launch; T Newton steps):
+  iternorm_fwd: 2 (covariance) + 3 (T-1) (Newton-Schulz) + 1 (apply) kernels, plus 2 small torch
+                reductions for v.
+  iternorm_bwd: 1 (Wbar) + 4 (T-1) (Newton-Schulz backward) + 1 (dA) kernels, plus ~8 small torch
+                ops on (C, C) matrices for the trace / covariance chain rule.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .reference import IterNormSaved, as_observations
+
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:
+    import triton  # noqa: F401
+
+    from kernels.apply import apply_bwd, apply_fwd
+    from kernels.covariance import covariance_fwd
+    from kernels.newton_schulz import newton_schulz_bwd, newton_schulz_fwd
+    from kernels import nmse as _nmse
+    from kernels import trace_loss as _tl
+
+    _IMPORT_ERROR = None
+except Exception as exc:  # noqa: BLE001  (reported by unavailable_reason)
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    device = torch.device(device)
+    if _IMPORT_ERROR is not None:
+        return f"triton kernels cannot be imported ({_IMPORT_ERROR})"
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device is available"
+    if device.type == "cpu":
+        if _INTERPRET_AT_IMPORT and os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return None
+        return ("Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 "
+                "before importing intl_ops (slow; for testing)")
+    return f"the Triton backend runs on cuda devices (cpu under TRITON_INTERPRET=1), not {device.type}"
+
+
+def uses_kernels(dtype: torch.dtype) -> bool:
+    """True if inputs of `dtype` run the Triton kernels (fp64 runs the reference math)."""
+    return dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _guard(t: Tensor):
+    """Launch on t's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _flat(t: Tensor) -> Tensor:
+    """(*, r, c) -> (B, r, c), a view where possible."""
+    return t.reshape(-1, *t.shape[-2:])
+
+
+def iternorm_fwd(x: Tensor, iters: int, axis: int) -> IterNormSaved:
+    if not uses_kernels(x.dtype):
+        return reference.iternorm_fwd(x, iters, axis)
+    batch = x.shape[:-2]
+    x3 = _flat(x)
+    a = as_observations(x3, axis)
+    B, N, C = a.shape
+    f32 = dict(device=x.device, dtype=torch.float32)
+    Ps = torch.empty(B, iters, C, C, **f32)
+    Pp = torch.empty(B, max(iters - 1, 0), 2, C, C, **f32)
+    y = torch.empty(x3.shape, device=x.device, dtype=x.dtype)
+    with _guard(x):
+        mean, S, tr = covariance_fwd(a, Ps[:, 0] if iters >= 1 else None)
+        newton_schulz_fwd(S, Ps, Pp)
+        W = Ps[:, iters - 1] if iters >= 1 else torch.eye(C, **f32).expand(B, C, C)
+        v = apply_fwd(a, mean, W, tr, as_observations(y, axis))
+    return IterNormSaved(y.reshape(x.shape), mean.reshape(*batch, C), S.reshape(*batch, C, C),
+                         tr.reshape(batch), Ps.reshape(*batch, *Ps.shape[1:]),
+                         Pp.reshape(*batch, *Pp.shape[1:]), v.reshape(*batch, C))
+
+
+def _chain_to_sigma(G: Tensor, S: Tensor, tr: Tensor, Ps: Tensor, Pp: Tensor, n_obs: int) -> Tensor:
+    """M = (Sigmabar + Sigmabar^T) / (N - 1) from G = dL/dP_T (SPEC section 5), all (B, ...) fp32."""
+    iters, C = Ps.shape[1], S.shape[-1]
+    inv_tr, _ = reference._guarded_scales(tr)
+    eye = torch.eye(C, device=S.device, dtype=S.dtype)
+    P_T = Ps[:, iters - 1] if iters >= 1 else eye
+    # trbar = -0.5 tr^(-3/2) <Wbar, P_T> with G = Wbar / sqrt(tr)
+    trbar = -0.5 * inv_tr * (G * P_T).sum((-2, -1))
+    Sbar = newton_schulz_bwd(G, S, Ps, Pp)
+    coef = trbar - (Sbar * S).sum((-2, -1)) * inv_tr
+    sigmabar = Sbar * inv_tr[:, None, None] + coef[:, None, None] * eye
+    return (sigmabar + sigmabar.mT) / (n_obs - 1)
+
+
+def iternorm_bwd(grad_y: Tensor, grad_v: Tensor, y: Tensor, x: Tensor, mean: Tensor, S: Tensor,
+                 tr: Tensor, Ps: Tensor, Pp: Tensor, iters: int, axis: int) -> Tensor:
+    if not uses_kernels(x.dtype):
+        return reference.iternorm_bwd(grad_y, grad_v, y, x, mean, S, tr, Ps, Pp, iters, axis)
+    x3 = _flat(x)
+    a = as_observations(x3, axis)
+    B, N, C = a.shape
+    S3, Ps3, Pp3 = S.reshape(B, C, C), Ps.reshape(B, iters, C, C), Pp.reshape(B, max(iters - 1, 0), 2, C, C)
+    tr3 = tr.reshape(B).contiguous()
+    gx = torch.empty(x3.shape, device=x.device, dtype=x.dtype)
+    with _guard(x):
+        W = Ps3[:, iters - 1] if iters >= 1 else torch.eye(C, device=x.device).expand(B, C, C)
+        apply_bwd(a, mean.reshape(B, C).contiguous(), W, tr3,
+                  as_observations(_flat(grad_y), axis), as_observations(_flat(y), axis), grad_v.reshape(B, C),
+                  lambda G: _chain_to_sigma(G, S3, tr3, Ps3, Pp3, N), as_observations(gx, axis))
+    return gx.reshape(x.shape)
+
+
+def trace_loss_fwd(y: Tensor, axis: int) -> Tensor:
+    if not uses_kernels(y.dtype):
+        return reference.trace_loss_fwd(y, axis)
+    with _guard(y):
+        return _tl.trace_loss_fwd(as_observations(_flat(y), axis)).reshape(y.shape[:-2])
+
+
+def trace_loss_bwd(grad: Tensor, y: Tensor, axis: int) -> Tensor:
+    if not uses_kernels(y.dtype):
+        return reference.trace_loss_bwd(grad, y, axis)
+    y3 = _flat(y)
+    gy = torch.empty(y3.shape, device=y.device, dtype=y.dtype)
+    with _guard(y):
+        _tl.trace_loss_bwd(grad, as_observations(y3, axis), as_observations(gy, axis))
+    return gy.reshape(y.shape)
+
+
+def nmse_fwd(a: Tensor, b: Tensor) -> Tensor:
+    if not (uses_kernels(a.dtype) and uses_kernels(b.dtype)):
+        return reference.nmse_fwd(a, b)
+    with _guard(a):
+        return _nmse.nmse_fwd(_flat(a), _flat(b)).reshape(a.shape[:-2])
+
+
+def nmse_bwd(grad: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    if not (uses_kernels(a.dtype) and uses_kernels(b.dtype)):
+        return reference.nmse_bwd(grad, a, b)
+    with _guard(a):
+        ga, gb = _nmse.nmse_bwd(grad, _flat(a), _flat(b))
+    return ga.reshape(a.shape), gb.reshape(b.shape)
