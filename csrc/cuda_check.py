@@ -86,7 +86,8 @@ def main() -> int:
               f"{k.get('stack', -1):>5} {k.get('spill_st', -1):>5}/{k.get('spill_ld', -1):<5}")
         if k.get("stack", -1) != 0 or spills != 0:
             bad.append(k["name"])
-    print("(the Newton-Schulz kernels' shared memory is dynamic: 4 slabs of R x (8R + 4) fp32, 133 KB at C > 128)")
+    print("(Newton-Schulz kernels <R rows, CL blocks>: dynamic shared memory 4 slabs of R x (CL R + 4) fp32 per block:"
+          " 134 KB for <32, 8>, 67 KB for <16, 16>, 34 KB for <16, 8>)")
     if bad:
         print(f"cuda-check FAILED: stack frame or spills in {', '.join(bad)}")
         return 1

@@ -24,7 +24,6 @@ namespace cg = cooperative_groups;
 namespace intl_cuda {
 namespace {
 
-constexpr int kCluster = 8;   // blocks per cluster (the portable maximum)
 constexpr int kThreads = 256; // 8 warps per block
 constexpr int kWarps = kThreads / 32;
 
@@ -68,29 +67,30 @@ __device__ __forceinline__ float block_sum(float x, float* scratch /* kWarps flo
 }
 
 // ------------------------------------------------------------------ Newton-Schulz: slab products
-template <int R>
+template <int R, int CL>
 struct Cfg {
-  static constexpr int CP = R * kCluster;  // padded C
-  static constexpr int LD = CP + 4;        // shared row stride: conflict-free A-fragment loads
-  static constexpr int MT = R / 16;        // m16 tiles: every warp covers all R rows ...
-  static constexpr int NT = R / 8;         // ... and R of the CP columns (n8 tiles)
-  static constexpr int kSlab = R * LD;     // floats per slab
+  static constexpr int CP = R * CL;             // padded C
+  static constexpr int LD = CP + 4;             // shared row stride: conflict-free A-fragment loads
+  static constexpr int MT = R / 16;             // m16 tiles: every warp covers all R rows ...
+  static constexpr int kWarpCols = CP / kWarps; // ... and CP / 8 of the columns
+  static constexpr int NT = kWarpCols / 8;      // (n8 tiles)
+  static constexpr int kSlab = R * LD;          // floats per slab
 };
 
 // A operand: this block's R x CP slab in shared memory.
-template <int R>
+template <int R, int CL>
 struct LocalSlab {
   const float* p;
-  __device__ __forceinline__ float at(int r, int c) const { return p[r * Cfg<R>::LD + c]; }
+  __device__ __forceinline__ float at(int r, int c) const { return p[r * Cfg<R, CL>::LD + c]; }
 };
 
 // B operand: a CP x CP matrix whose row slab q sits at the same offset `p` in block q's shared memory.
-template <int R>
+template <int R, int CL>
 struct ClusterMatrix {
   const float* p;
   __device__ __forceinline__ float at(int k, int n) const {
     const float* q = cg::this_cluster().map_shared_rank(p, static_cast<unsigned>(k / R));
-    return q[(k % R) * Cfg<R>::LD + n];
+    return q[(k % R) * Cfg<R, CL>::LD + n];
   }
 };
 
@@ -109,26 +109,26 @@ struct GlobalMatrix {
   }
 };
 
-template <int R>
-using Acc = float[Cfg<R>::MT][Cfg<R>::NT][4];
+template <int R, int CL>
+using Acc = float[Cfg<R, CL>::MT][Cfg<R, CL>::NT][4];
 
-template <int R>
-__device__ __forceinline__ void zero(Acc<R>& acc) {
+template <int R, int CL>
+__device__ __forceinline__ void zero(Acc<R, CL>& acc) {
 #pragma unroll
-  for (int mt = 0; mt < Cfg<R>::MT; ++mt)
+  for (int mt = 0; mt < Cfg<R, CL>::MT; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < Cfg<R>::NT; ++nt)
+    for (int nt = 0; nt < Cfg<R, CL>::NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
 }
 
 // acc += X Y restricted to this block's rows: X (R x CP, A operand), Y (CP x CP, B operand).
 // Warp w computes columns [w R, w R + R).
-template <int R, class AOp, class BOp>
-__device__ __forceinline__ void slab_product(Acc<R>& acc, AOp X, BOp Y) {
-  using K = Cfg<R>;
+template <int R, int CL, class AOp, class BOp>
+__device__ __forceinline__ void slab_product(Acc<R, CL>& acc, AOp X, BOp Y) {
+  using K = Cfg<R, CL>;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int n0 = (threadIdx.x >> 5) * R;
+  const int n0 = (threadIdx.x >> 5) * Cfg<R, CL>::kWarpCols;
 #pragma unroll 2  // lets the next step's loads overlap this step's mma
   for (int k0 = 0; k0 < K::CP; k0 += 8) {
     uint32_t ah[K::MT][4], al[K::MT][4];
@@ -153,14 +153,14 @@ __device__ __forceinline__ void slab_product(Acc<R>& acc, AOp X, BOp Y) {
 }
 
 // f(r, c, value) for each accumulator entry of this thread (r: slab row, c: column).
-template <int R, class F>
-__device__ __forceinline__ void for_each_acc(const Acc<R>& acc, F f) {
+template <int R, int CL, class F>
+__device__ __forceinline__ void for_each_acc(const Acc<R, CL>& acc, F f) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int n0 = (threadIdx.x >> 5) * R;
+  const int n0 = (threadIdx.x >> 5) * Cfg<R, CL>::kWarpCols;
 #pragma unroll
-  for (int mt = 0; mt < Cfg<R>::MT; ++mt)
+  for (int mt = 0; mt < Cfg<R, CL>::MT; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < Cfg<R>::NT; ++nt)
+    for (int nt = 0; nt < Cfg<R, CL>::NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) f(mt * 16 + g + (i >> 1) * 8, n0 + nt * 8 + 2 * t + (i & 1), acc[mt][nt][i]);
 }
@@ -170,36 +170,36 @@ __device__ __forceinline__ void store_if(float* dst, int i, int c, int C, float 
 }
 
 // ------------------------------------------------------------------ Newton-Schulz forward
-// Shared memory: S, B (= P_{k-1}), X (P_k^2, then P_k), Y (P_k^3) slabs + R + kWarps floats.
+// Shared memory: S, B (= P_{k-1}), X (P_k^2, then P_k), Y (P_k^3) slabs + (R + 1) kWarps floats.
 // The remote operand (P_{k-1} or S, the whole matrix) comes from the other blocks' shared memory
 // (kFromL2 = false, the default) or from the copies this kernel writes to Ps / S_out, through L2
 // (kFromL2 = true): which is faster depends on DSMEM vs L2 bandwidth per SM; env INTL_OPS_NS_OPERAND=l2.
-template <int R, bool kFromL2, class AOp>
-__device__ __forceinline__ void times_full(Acc<R>& acc, AOp X, const float* smem_slab, const float* global, int C) {
+template <int R, int CL, bool kFromL2, class AOp>
+__device__ __forceinline__ void times_full(Acc<R, CL>& acc, AOp X, const float* smem_slab, const float* global, int C) {
   if constexpr (kFromL2) {
-    slab_product<R>(acc, X, GlobalMatrix<true>{global, C, 0});
+    slab_product<R, CL>(acc, X, GlobalMatrix<true>{global, C, 0});
   } else {
-    slab_product<R>(acc, X, ClusterMatrix<R>{smem_slab});
+    slab_product<R, CL>(acc, X, ClusterMatrix<R, CL>{smem_slab});
   }
 }
 
-template <int R, bool kFromL2>
-__global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
+template <int R, int CL, bool kFromL2>
+__global__ void __launch_bounds__(kThreads, 1)
     ns_fwd_kernel(const float* __restrict__ sigma, float* __restrict__ S_out, float* __restrict__ tr_out,
                   float* __restrict__ Ps, float* __restrict__ Pp, float* __restrict__ v_out, int C, int iters) {
-  using K = Cfg<R>;
+  using K = Cfg<R, CL>;
   extern __shared__ float4 smem4[];
   float* Ss = reinterpret_cast<float*>(smem4);
   float* Bs = Ss + K::kSlab;
   float* Xs = Bs + K::kSlab;
   float* Ys = Xs + K::kSlab;
-  float* vsum = Ys + K::kSlab;  // R floats
-  float* scratch = vsum + R;    // kWarps floats
+  float* vpart = Ys + K::kSlab;        // kWarps x R floats
+  float* scratch = vpart + kWarps * R;  // kWarps floats
 
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int row0 = rank * R;
-  const size_t b = blockIdx.x / kCluster, CC = static_cast<size_t>(C) * C;
+  const size_t b = blockIdx.x / CL, CC = static_cast<size_t>(C) * C;
   sigma += b * CC;
   S_out += b * CC;
   Ps += b * iters * CC;
@@ -227,35 +227,34 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
       if (iters >= 1) Ps[static_cast<size_t>(i) * C + c] = p;
     }
   }
-  for (int r = threadIdx.x; r < R; r += kThreads) vsum[r] = 0.f;
   cluster.sync();  // S and P_1 of every block are visible to the cluster
 
-  Acc<R> acc;
+  Acc<R, CL> acc;
   for (int k = 2; k <= iters; ++k) {
     float* P2g = Pp + static_cast<size_t>(k - 2) * 2 * CC;
     float* P3g = P2g + CC;
     float* Pkg = Ps + static_cast<size_t>(k - 1) * CC;
     const float* Bg = Pkg - CC;  // P_{k-1}, as written to Ps
     // X = B^2 (local B rows times the cluster's B)
-    zero<R>(acc);
-    times_full<R, kFromL2>(acc, LocalSlab<R>{Bs}, Bs, Bg, C);
-    for_each_acc<R>(acc, [&](int r, int c, float x) {
+    zero<R, CL>(acc);
+    times_full<R, CL, kFromL2>(acc, LocalSlab<R, CL>{Bs}, Bs, Bg, C);
+    for_each_acc<R, CL>(acc, [&](int r, int c, float x) {
       Xs[r * K::LD + c] = x;
       store_if(P2g, row0 + r, c, C, x);
     });
     __syncthreads();
     // Y = B^3 = X B
-    zero<R>(acc);
-    times_full<R, kFromL2>(acc, LocalSlab<R>{Xs}, Bs, Bg, C);
-    for_each_acc<R>(acc, [&](int r, int c, float x) {
+    zero<R, CL>(acc);
+    times_full<R, CL, kFromL2>(acc, LocalSlab<R, CL>{Xs}, Bs, Bg, C);
+    for_each_acc<R, CL>(acc, [&](int r, int c, float x) {
       Ys[r * K::LD + c] = x;
       store_if(P3g, row0 + r, c, C, x);
     });
     __syncthreads();
     // P_k = 1.5 B - 0.5 Y S, written over X (only ever read locally)
-    zero<R>(acc);
-    times_full<R, kFromL2>(acc, LocalSlab<R>{Ys}, Ss, S_out, C);
-    for_each_acc<R>(acc, [&](int r, int c, float x) {
+    zero<R, CL>(acc);
+    times_full<R, CL, kFromL2>(acc, LocalSlab<R, CL>{Ys}, Ss, S_out, C);
+    for_each_acc<R, CL>(acc, [&](int r, int c, float x) {
       const float p = 1.5f * Bs[r * K::LD + c] - 0.5f * x;
       Xs[r * K::LD + c] = p;
       store_if(Pkg, row0 + r, c, C, p);
@@ -267,12 +266,12 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
   }
 
   // v_i = (P_T S P_T)_ii = sum_c (P_T S)_ic (P_T)_ic, P_T symmetric: the output variances.
-  zero<R>(acc);
-  times_full<R, kFromL2>(acc, LocalSlab<R>{Bs}, Ss, S_out, C);
+  zero<R, CL>(acc);
+  times_full<R, CL, kFromL2>(acc, LocalSlab<R, CL>{Bs}, Ss, S_out, C);
   {
-    using KK = Cfg<R>;
+    using KK = Cfg<R, CL>;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int n0 = (threadIdx.x >> 5) * R;
+    const int n0 = (threadIdx.x >> 5) * Cfg<R, CL>::kWarpCols;
 #pragma unroll
     for (int mt = 0; mt < KK::MT; ++mt)
 #pragma unroll
@@ -285,12 +284,16 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
           for (int j = 0; j < 2; ++j) s += acc[mt][nt][half * 2 + j] * Bs[r * KK::LD + n0 + nt * 8 + 2 * t + j];
         s += __shfl_xor_sync(0xffffffffu, s, 1);
         s += __shfl_xor_sync(0xffffffffu, s, 2);
-        if (t == 0) atomicAdd(vsum + r, s);
+        if (t == 0) vpart[(threadIdx.x >> 5) * R + r] = s;  // each warp's share of the columns
       }
   }
   __syncthreads();
-  for (int r = threadIdx.x; r < R; r += kThreads)
-    if (row0 + r < C) v_out[row0 + r] = vsum[r];
+  for (int r = threadIdx.x; r < R; r += kThreads) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += vpart[w * R + r];  // a fixed order: deterministic
+    if (row0 + r < C) v_out[row0 + r] = s;
+  }
   cluster.sync();  // no block may exit while others can still read its shared memory
 }
 
@@ -299,12 +302,12 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
 //   Sbar -= 0.5 B^3 G;   G = 1.5 G - 0.5 (H B^2 + B (H B) + B^2 H)
 // then Sbar -= 0.5 G (k = 1). G, H, H B and Sbar live in shared slabs; S, B, B^2, B^3 are read
 // from global memory (the saved forward tensors, L2-resident).
-template <int R>
-__global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
+template <int R, int CL>
+__global__ void __launch_bounds__(kThreads, 1)
     ns_bwd_kernel(const float* __restrict__ wbar, const float* __restrict__ S, const float* __restrict__ tr_in,
                   const float* __restrict__ Ps, const float* __restrict__ Pp, float* __restrict__ M, int C,
                   int iters, int n_obs) {
-  using K = Cfg<R>;
+  using K = Cfg<R, CL>;
   extern __shared__ float4 smem4[];
   float* Gs = reinterpret_cast<float*>(smem4);
   float* Hs = Gs + K::kSlab;
@@ -316,7 +319,7 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int row0 = rank * R;
-  const size_t b = blockIdx.x / kCluster, CC = static_cast<size_t>(C) * C;
+  const size_t b = blockIdx.x / CL, CC = static_cast<size_t>(C) * C;
   wbar += b * CC;
   S += b * CC;
   Ps += b * iters * CC;
@@ -340,30 +343,30 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
   }
   cluster.sync();
 
-  Acc<R> acc;
+  Acc<R, CL> acc;
   for (int k = iters; k >= 2; --k) {
     const float* Bg = Ps + static_cast<size_t>(k - 2) * CC;
     const float* B2g = Pp + static_cast<size_t>(k - 2) * 2 * CC;
     const float* B3g = B2g + CC;
     // Sbar -= 0.5 B^3 G (G from the cluster); H = G S
-    zero<R>(acc);
-    slab_product<R>(acc, GlobalMatrix<>{B3g, C, row0}, ClusterMatrix<R>{Gs});
-    for_each_acc<R>(acc, [&](int r, int c, float x) { Sb[r * K::LD + c] -= 0.5f * x; });
-    zero<R>(acc);
-    slab_product<R>(acc, LocalSlab<R>{Gs}, GlobalMatrix<>{S, C, 0});
-    for_each_acc<R>(acc, [&](int r, int c, float x) { Hs[r * K::LD + c] = x; });
+    zero<R, CL>(acc);
+    slab_product<R, CL>(acc, GlobalMatrix<>{B3g, C, row0}, ClusterMatrix<R, CL>{Gs});
+    for_each_acc<R, CL>(acc, [&](int r, int c, float x) { Sb[r * K::LD + c] -= 0.5f * x; });
+    zero<R, CL>(acc);
+    slab_product<R, CL>(acc, LocalSlab<R, CL>{Gs}, GlobalMatrix<>{S, C, 0});
+    for_each_acc<R, CL>(acc, [&](int r, int c, float x) { Hs[r * K::LD + c] = x; });
     cluster.sync();  // H complete; every block is done reading G
     // HB = H B; acc = H B^2 + B^2 H
-    zero<R>(acc);
-    slab_product<R>(acc, LocalSlab<R>{Hs}, GlobalMatrix<>{Bg, C, 0});
-    for_each_acc<R>(acc, [&](int r, int c, float x) { HBs[r * K::LD + c] = x; });
-    zero<R>(acc);
-    slab_product<R>(acc, LocalSlab<R>{Hs}, GlobalMatrix<>{B2g, C, 0});
-    slab_product<R>(acc, GlobalMatrix<>{B2g, C, row0}, ClusterMatrix<R>{Hs});
+    zero<R, CL>(acc);
+    slab_product<R, CL>(acc, LocalSlab<R, CL>{Hs}, GlobalMatrix<>{Bg, C, 0});
+    for_each_acc<R, CL>(acc, [&](int r, int c, float x) { HBs[r * K::LD + c] = x; });
+    zero<R, CL>(acc);
+    slab_product<R, CL>(acc, LocalSlab<R, CL>{Hs}, GlobalMatrix<>{B2g, C, 0});
+    slab_product<R, CL>(acc, GlobalMatrix<>{B2g, C, row0}, ClusterMatrix<R, CL>{Hs});
     cluster.sync();  // HB complete
     // acc += B (H B); G = 1.5 G - 0.5 acc
-    slab_product<R>(acc, GlobalMatrix<>{Bg, C, row0}, ClusterMatrix<R>{HBs});
-    for_each_acc<R>(acc, [&](int r, int c, float x) { Gs[r * K::LD + c] = 1.5f * Gs[r * K::LD + c] - 0.5f * x; });
+    slab_product<R, CL>(acc, GlobalMatrix<>{Bg, C, row0}, ClusterMatrix<R, CL>{HBs});
+    for_each_acc<R, CL>(acc, [&](int r, int c, float x) { Gs[r * K::LD + c] = 1.5f * Gs[r * K::LD + c] - 0.5f * x; });
     cluster.sync();  // the new G is complete; H and HB may be overwritten
   }
 
@@ -385,7 +388,7 @@ __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kThreads, 1)
   cluster.sync();  // Sbar and the partial dots of every block are visible
   float wp_all = 0.f, ss_all = 0.f;
 #pragma unroll
-  for (int q = 0; q < kCluster; ++q) {
+  for (int q = 0; q < CL; ++q) {
     const float* d = cluster.map_shared_rank(dots, static_cast<unsigned>(q));
     wp_all += d[0];
     ss_all += d[1];
@@ -495,31 +498,89 @@ __global__ void __launch_bounds__(kGThreads)
       }
 }
 
-template <int R, bool kFromL2>
-cudaError_t launch_ns_fwd_r(const float* sigma, float* S, float* tr, float* Ps, float* Pp, float* v, int B, int C,
-                            int iters, cudaStream_t stream) {
-  const size_t smem = (4 * Cfg<R>::kSlab + R + kWarps) * sizeof(float);
-  auto kernel = ns_fwd_kernel<R, kFromL2>;
+// Launches B clusters of CL blocks of kThreads threads with `smem` bytes of dynamic shared memory each.
+template <class... Params, class... Args>
+cudaError_t launch_clusters(void (*kernel)(Params...), int CL, int B, size_t smem, cudaStream_t stream, Args... args) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err == cudaSuccess && CL > 8) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   if (err != cudaSuccess) return err;
-  kernel<<<B * kCluster, kThreads, smem, stream>>>(sigma, S, tr, Ps, Pp, v, C, iters);
-  return cudaGetLastError();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CL;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(B * CL);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-bool operand_from_l2() {
-  const char* env = std::getenv("INTL_OPS_NS_OPERAND");
-  return env != nullptr && std::strcmp(env, "l2") == 0;
+// Whether a cluster of CL blocks of `kernel` can be resident at all (sizes > 8 are not portable).
+template <class... Params>
+bool cluster_fits(void (*kernel)(Params...), int CL, size_t smem) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess ||
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CL;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(CL);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  const bool ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0;
+  cudaGetLastError();  // clear a sticky-free error from the query
+  return ok;
 }
 
-template <int R>
-cudaError_t launch_ns_bwd_r(const float* wbar, const float* S, const float* tr, const float* Ps, const float* Pp, float* M,
+template <int R, int CL, bool kFromL2>
+struct NsFwd {
+  static constexpr size_t kSmem = (4 * Cfg<R, CL>::kSlab + (R + 1) * kWarps) * sizeof(float);
+  static cudaError_t launch(const float* sigma, float* S, float* tr, float* Ps, float* Pp, float* v, int B, int C,
+                            int iters, cudaStream_t stream) {
+    return launch_clusters(ns_fwd_kernel<R, CL, kFromL2>, CL, B, kSmem, stream, sigma, S, tr, Ps, Pp, v, C, iters);
+  }
+  static bool fits() {
+    static const bool ok = cluster_fits(ns_fwd_kernel<R, CL, kFromL2>, CL, kSmem);
+    return ok;
+  }
+};
+
+template <int R, int CL>
+struct NsBwd {
+  static constexpr size_t kSmem = (4 * Cfg<R, CL>::kSlab + 2 + kWarps) * sizeof(float);
+  static cudaError_t launch(const float* wbar, const float* S, const float* tr, const float* Ps, const float* Pp, float* M,
                             int B, int C, int iters, int n_obs, cudaStream_t stream) {
-  const size_t smem = (4 * Cfg<R>::kSlab + 2 + kWarps) * sizeof(float);
-  cudaError_t err = cudaFuncSetAttribute(ns_bwd_kernel<R>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  ns_bwd_kernel<R><<<B * kCluster, kThreads, smem, stream>>>(wbar, S, tr, Ps, Pp, M, C, iters, n_obs);
-  return cudaGetLastError();
+    return launch_clusters(ns_bwd_kernel<R, CL>, CL, B, kSmem, stream, wbar, S, tr, Ps, Pp, M, C, iters, n_obs);
+  }
+  static bool fits() {
+    static const bool ok = cluster_fits(ns_bwd_kernel<R, CL>, CL, kSmem);
+    return ok;
+  }
+};
+
+bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, value) == 0;
 }
+
+// Benchmark knobs, read at every launch (to be settled by measurement on an H100/H200):
+//   INTL_OPS_NS_OPERAND=l2   the forward's remote operand through L2 instead of distributed shared memory
+//   INTL_OPS_NS_CLUSTER=16   128 < C <= 256 on clusters of 16 blocks of 16 rows (non-portable size; falls
+//                            back to 8 blocks of 32 rows where the device cannot hold such a cluster)
+bool operand_from_l2() { return env_is("INTL_OPS_NS_OPERAND", "l2"); }
+bool wide_cluster() { return env_is("INTL_OPS_NS_CLUSTER", "16"); }
 
 // How the observations are split: `per` (a multiple of kGK) per split, enough splits to fill ~2 waves
 // of 132 SMs with the triangle's tiles, each split at least 4 shared tiles long.
@@ -564,17 +625,21 @@ cudaError_t launch_centered_gram(const void* a, DType dt, int64_t sb, int64_t sn
 cudaError_t launch_ns_fwd(const float* sigma, float* S, float* tr, float* Ps, float* Pp, float* v, int B, int C,
                           int iters, cudaStream_t stream) {
   const bool l2 = operand_from_l2();
-  if (C <= 16 * kCluster)
-    return l2 ? launch_ns_fwd_r<16, true>(sigma, S, tr, Ps, Pp, v, B, C, iters, stream)
-              : launch_ns_fwd_r<16, false>(sigma, S, tr, Ps, Pp, v, B, C, iters, stream);
-  return l2 ? launch_ns_fwd_r<32, true>(sigma, S, tr, Ps, Pp, v, B, C, iters, stream)
-            : launch_ns_fwd_r<32, false>(sigma, S, tr, Ps, Pp, v, B, C, iters, stream);
+  if (C <= 128)
+    return l2 ? NsFwd<16, 8, true>::launch(sigma, S, tr, Ps, Pp, v, B, C, iters, stream)
+              : NsFwd<16, 8, false>::launch(sigma, S, tr, Ps, Pp, v, B, C, iters, stream);
+  if (wide_cluster() && (l2 ? NsFwd<16, 16, true>::fits() : NsFwd<16, 16, false>::fits()))
+    return l2 ? NsFwd<16, 16, true>::launch(sigma, S, tr, Ps, Pp, v, B, C, iters, stream)
+              : NsFwd<16, 16, false>::launch(sigma, S, tr, Ps, Pp, v, B, C, iters, stream);
+  return l2 ? NsFwd<32, 8, true>::launch(sigma, S, tr, Ps, Pp, v, B, C, iters, stream)
+            : NsFwd<32, 8, false>::launch(sigma, S, tr, Ps, Pp, v, B, C, iters, stream);
 }
 
 cudaError_t launch_ns_bwd(const float* wbar, const float* S, const float* tr, const float* Ps, const float* Pp, float* M,
                           int B, int C, int iters, int n_obs, cudaStream_t stream) {
-  if (C <= 16 * kCluster) return launch_ns_bwd_r<16>(wbar, S, tr, Ps, Pp, M, B, C, iters, n_obs, stream);
-  return launch_ns_bwd_r<32>(wbar, S, tr, Ps, Pp, M, B, C, iters, n_obs, stream);
+  if (C <= 128) return NsBwd<16, 8>::launch(wbar, S, tr, Ps, Pp, M, B, C, iters, n_obs, stream);
+  if (wide_cluster() && NsBwd<16, 16>::fits()) return NsBwd<16, 16>::launch(wbar, S, tr, Ps, Pp, M, B, C, iters, n_obs, stream);
+  return NsBwd<32, 8>::launch(wbar, S, tr, Ps, Pp, M, B, C, iters, n_obs, stream);
 }
 
 }  // namespace intl_cuda

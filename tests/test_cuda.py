@@ -306,3 +306,20 @@ def test_forward_operand_from_l2_is_identical(ext, monkeypatch, C_side):
     l2 = torch.ops.intl.iternorm_fwd(x, 5, 0, "cuda")
     for name, a, b in zip(intl_ops.reference.IterNormSaved._fields, dsmem, l2):
         assert torch.equal(a, b), name
+
+
+@gpu
+@pytest.mark.parametrize("axis", [0, 1], ids=["axis0", "axis1"])
+def test_wide_cluster_matches_default(ext, monkeypatch, axis):
+    """INTL_OPS_NS_CLUSTER=16 (128 < C <= 256 on 16 blocks of 16 rows) computes the same function."""
+    shape = (2, 200, 333) if axis == 0 else (2, 333, 200)
+    x, gy = _random(shape, torch.float32, seed=6), torch.randn(shape, device="cuda")
+    y8, g8 = _run(x, gy, 4, axis, "cuda")
+    saved8 = torch.ops.intl.iternorm_fwd(x, 4, axis, "cuda")
+    monkeypatch.setenv("INTL_OPS_NS_CLUSTER", "16")
+    y16, g16 = _run(x, gy, 4, axis, "cuda")
+    saved16 = torch.ops.intl.iternorm_fwd(x, 4, axis, "cuda")
+    for name, a, b in zip(intl_ops.reference.IterNormSaved._fields, saved8, saved16):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(y8, y16, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g8, g16, rtol=1e-5, atol=1e-6)
