@@ -48,6 +48,7 @@ def cuda_extension():
         "intl_ops._C",
         ["csrc/intl_ops.cpp", "csrc/intl_kernels.cu"],
         include_dirs=[str(ROOT / "csrc")],
+        depends=["csrc/intl_cuda.h"],  # rebuilt when it changes; shipped in the sdist
         extra_compile_args={
             "cxx": host,
             "nvcc": ["-O3", "-std=c++17", *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in arches)],
