@@ -70,7 +70,9 @@ at::Tensor centered_gram(const at::Tensor& a, const at::Tensor& mean) {
                                     ws.data_ptr<float>(), static_cast<int>(B), static_cast<int>(N),
                                     static_cast<int>(C), current_stream()),
                "centered_gram");
-  return ws.sum(0).div_(static_cast<double>(N - 1));  // the splits' partial sums, in a fixed order
+  const double n_minus_1 = static_cast<double>(N - 1);
+  if (splits == 1) return ws.select(0, 0).div_(n_minus_1);  // large C: no second C x C buffer
+  return ws.sum(0).div_(n_minus_1);  // the splits' partial sums, in a fixed order
 }
 
 // One-launch Newton-Schulz forward: (S, tr, Ps, Pp, v) from sigma (B, C, C), C <= 256.
