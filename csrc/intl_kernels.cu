@@ -5,9 +5,9 @@
 // Products use tensor cores (mma.sync m16n8k8 tf32) in 3xTF32 form: x*y ~= xh*yh + xh*yl + xl*yh with
 // xh = tf32(x), xl = tf32(x - xh), which keeps fp32-level accuracy (the reference multiplies in fp32).
 //
-// The Newton-Schulz kernels run one thread-block cluster of 8 blocks per C x C problem (C <= 256).
-// Block q of the cluster owns rows [q R, q R + R) of every C x C matrix (R = 16 for C <= 128, else 32;
-// C is zero-padded to 8 R). A product X Y then needs X's rows locally and all of Y: Y's row slab k/R is
+// The Newton-Schulz kernels run one thread-block cluster of CL blocks per C x C problem (C <= 256).
+// Block q of the cluster owns rows [q R, q R + R) of every C x C matrix (CL x R = 8 x 16 for C <= 128,
+// else 8 x 32, or 16 x 16 with INTL_OPS_NS_CLUSTER=16; C is zero-padded to CL R). A product X Y then needs X's rows locally and all of Y: Y's row slab k/R is
 // read straight from block k/R's shared memory (distributed shared memory). Every iterate is a
 // polynomial in S (symmetric, commuting), so each product can be ordered with the changing operand
 // local and only P_{k-1} or S remote: the forward needs one cluster barrier per step.
@@ -123,7 +123,7 @@ __device__ __forceinline__ void zero(Acc<R, CL>& acc) {
 }
 
 // acc += X Y restricted to this block's rows: X (R x CP, A operand), Y (CP x CP, B operand).
-// Warp w computes columns [w R, w R + R).
+// Warp w computes columns [w CP/8, (w + 1) CP/8).
 template <int R, int CL, class AOp, class BOp>
 __device__ __forceinline__ void slab_product(Acc<R, CL>& acc, AOp X, BOp Y) {
   using K = Cfg<R, CL>;

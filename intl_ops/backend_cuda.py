@@ -3,13 +3,15 @@
 Custom kernels (torch.ops.intl_cuda.*, csrc/intl_kernels.cu, sm_90a):
   centered_gram  Sigma = Ac^T Ac / (N - 1) with the centring fused into the tile loads, only the upper
                  triangle of 64 x 64 tiles computed (mirrored), split over the N observations; any C.
-  ns_fwd         the whole Newton-Schulz forward for C <= 256 in ONE launch (a cluster of 8 blocks per
+  ns_fwd         the whole Newton-Schulz forward for C <= 256 in ONE launch (a thread-block cluster per
                  matrix, S and the iterates in distributed shared memory): S, tr, P_1..P_T, (P_k^2, P_k^3)
                  and the output variances v = diag(P_T S P_T) (the trace loss needs no pass over y).
   ns_bwd         the whole Newton-Schulz backward for C <= 256 in one launch: M = (Sigmabar + Sigmabar^T)/(N-1).
 All products use tensor cores in 3xTF32 form (fp32-level accuracy, as the fp32 reference).
-Composed with torch ops (cuBLAS does these at its roofline; a custom kernel would not pay):
-the column means, the big N x C products (y = Ac W, Wbar = Ac^T Ybar, Acbar = Ybar W^T + Ac M).
+Composed with torch ops: the column means, the centring pass and the big N x C products
+(y = Ac W, Wbar = Ac^T Ybar, Acbar = Ybar W^T + Ac M) run in cuBLAS (fp32 as the reference, TF32 if
+the user allows it). A 3xTF32 product kernel with the centring fused might beat fp32 SGEMM by up to ~2x
+on these; it is not written: it would need tuning on the hardware first.
 C > 256: centered_gram + the Newton-Schulz loop in torch (forward), the reference backward.
 float64 inputs use the reference backend (the kernels compute in fp32).
 
