@@ -12,11 +12,14 @@ never fails on a dtype; `uses_kernels(dtype)` says which path a dtype takes.
 Devices: CUDA tensors when a GPU and Triton are present; CPU tensors only under the Triton
 interpreter (TRITON_INTERPRET=1 set before this module is imported), as CI runs it.
 
-Launches per call (B views batched in every launch; T Newton steps):
-  iternorm_fwd: 2 (covariance) + 3 (T-1) (Newton-Schulz) + 1 (apply) kernels, plus 2 small torch
-                reductions for v.
-  iternorm_bwd: 1 (Wbar) + 4 (T-1) (Newton-Schulz backward) + 1 (dA) kernels, plus ~8 small torch
-                ops on (C, C) matrices for the trace / covariance chain rule.
+Launches per call (the B views batched in every launch; T Newton steps; C the number of variables,
+small C <= kernels.newton_schulz.ROWS_MAX_C):
+  iternorm_fwd: 2 (covariance) + (T-1) small C / 3 (T-1) large C (Newton-Schulz) + 1 (apply) kernels,
+                plus 2 small torch reductions for v.
+  iternorm_bwd: 1 (Wbar) + 2 (T-1) small C / 4 (T-1) large C (Newton-Schulz) + 1 (dA) kernels, plus
+                ~10 small torch ops on (B, C, C) matrices for the trace / covariance chain rule.
+FLOPs (multiply-add = 2): forward ~C^2 N (triangle covariance) + 6 C^3 (T-1) small C or ~3 C^3 (T-1)
+large C + 2 N C^2 (apply); backward 2 N C^2 (Wbar) + 12 C^3 (T-1) + 4 N C^2 (dA).
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     if _IMPORT_ERROR is not None:
         return f"triton kernels cannot be imported ({_IMPORT_ERROR})"
     if device.type == "cuda":
+        if _INTERPRET_AT_IMPORT:
+            return "the Triton kernels were defined under TRITON_INTERPRET=1: they run on CPU tensors only"
         return None if torch.cuda.is_available() else "no CUDA device is available"
     if device.type == "cpu":
         if _INTERPRET_AT_IMPORT and os.environ.get("TRITON_INTERPRET", "0") == "1":
