@@ -91,7 +91,7 @@ def test_import_never_builds(tmp_path):
 class _EmulatedKernels:
     @staticmethod
     def centered_gram(a, mean):
-        ac = a.float() - mean[:, None, :]
+        ac = a.to(mean.dtype) - mean[:, None, :]
         return ac.mT @ ac / (a.shape[1] - 1)
 
     @staticmethod
@@ -99,7 +99,7 @@ class _EmulatedKernels:
         B, C = sigma.shape[:2]
         tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)
         S = sigma * torch.where(tr > 0, 1 / tr, 0)[:, None, None]
-        eye = torch.eye(C).expand_as(S)
+        eye = torch.eye(C, dtype=S.dtype, device=S.device).expand_as(S)
         Ps, Pp = S.new_empty(B, iters, C, C), S.new_empty(B, max(iters - 1, 0), 2, C, C)
         P = 1.5 * eye - 0.5 * S if iters >= 1 else eye
         if iters >= 1:
@@ -118,7 +118,8 @@ class _EmulatedKernels:
         C = S.shape[-1]
         inv_tr = torch.where(tr > 0, 1 / tr, 0)[:, None, None]
         inv_sqrt = inv_tr.sqrt()
-        PT = Ps[:, iters - 1] if iters >= 1 else torch.eye(C).expand_as(S)
+        eye = torch.eye(C, dtype=S.dtype, device=S.device)
+        PT = Ps[:, iters - 1] if iters >= 1 else eye.expand_as(S)
         G, Sb = wbar * inv_sqrt, torch.zeros_like(S)
         for k in range(iters, 1, -1):
             Bm, B2, B3 = Ps[:, k - 2], Pp[:, k - 2, 0], Pp[:, k - 2, 1]
@@ -129,7 +130,7 @@ class _EmulatedKernels:
             Sb = Sb - 0.5 * G
         trbar = -0.5 * inv_sqrt * inv_tr * (wbar * PT).sum((-2, -1), keepdim=True)
         diag = 2 * (trbar - (Sb * S).sum((-2, -1), keepdim=True) * inv_tr)
-        return ((Sb + Sb.mT) * inv_tr + diag * torch.eye(C)) / (n_obs - 1)
+        return ((Sb + Sb.mT) * inv_tr + diag * eye) / (n_obs - 1)
 
 
 @pytest.mark.parametrize("iters", [0, 1, 2, 5])
@@ -323,3 +324,34 @@ def test_wide_cluster_matches_default(ext, monkeypatch, axis):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     torch.testing.assert_close(y8, y16, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g8, g16, rtol=1e-5, atol=1e-6)
+
+
+KNOB_SETTINGS = {"default": {}, "l2": {"INTL_OPS_NS_OPERAND": "l2"}, "cluster16": {"INTL_OPS_NS_CLUSTER": "16"}}
+
+
+@gpu
+@pytest.mark.parametrize("knobs", list(KNOB_SETTINGS), ids=str)
+@pytest.mark.parametrize("iters", [0, 1, 2, 4])
+@pytest.mark.parametrize("C", [5, 37, 128, 129, 200, 256])
+def test_each_kernel_against_float64(ext, monkeypatch, C, iters, knobs):
+    """Each intl_cuda op alone against its math in float64 (the emulation above), to localise a failure."""
+    for key, value in KNOB_SETTINGS[knobs].items():
+        monkeypatch.setenv(key, value)
+    B, N = 2, 3 * C + 7
+    x = _random((B, C, N), torch.float32, seed=7)
+    a = x.mT  # (B, N, C) strided view, as axis=0 passes it
+    mean = a.mean(1)
+    emu = _EmulatedKernels
+    sigma = torch.ops.intl_cuda.centered_gram(a, mean)
+    sigma64 = emu.centered_gram(a.double(), mean.double())
+    torch.testing.assert_close(sigma.double(), sigma64, rtol=1e-5, atol=3e-5 * sigma64.abs().max().item())
+    got = torch.ops.intl_cuda.ns_fwd(sigma, iters)
+    want = emu.ns_fwd(sigma.double(), iters)
+    for name, g, w in zip(("S", "tr", "Ps", "Pp", "v"), got, want):
+        assert g.shape == w.shape and g.dtype == torch.float32, name
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=2e-5, msg=name)  # entries are O(1) or less
+    S, tr, Ps, Pp, _ = got
+    wbar = torch.randn(B, C, C, device="cuda")
+    M = torch.ops.intl_cuda.ns_bwd(wbar, S, tr, Ps, Pp, iters, N)
+    M64 = emu.ns_bwd(wbar.double(), S.double(), tr.double(), Ps.double(), Pp.double(), iters, N)
+    torch.testing.assert_close(M.double(), M64, rtol=1e-4, atol=1e-4 * M64.abs().max().item())
