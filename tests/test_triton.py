@@ -65,10 +65,12 @@ def _iternorm_case(x, iters, axis):
 CASES = (
     [((37, 50), axis, it, torch.float32) for axis in (0, 1) for it in (0, 1, 2, 4, 5)]
     + [((130, 96), axis, it, torch.float32) for axis in (0, 1) for it in (2, 4)]
-    + [((257, 64), 0, 5, torch.float32), ((257, 64), 1, 4, torch.float32)]
+    + [((257, 64), 0, 3, torch.float32), ((257, 64), 1, 4, torch.float32)]
     + [((2, 37, 50), axis, 3, torch.float32) for axis in (0, 1)]
     + [((37, 50), axis, 4, torch.float16) for axis in (0, 1)]
     + [((130, 96), 1, 4, torch.float16), ((257, 64), 1, 4, torch.float16), ((2, 37, 50), 0, 2, torch.float16)]
+    # bf16 inputs are upcast to fp32 before every tl.dot, so the interpreter's bf16 dot bug is not hit
+    + [((37, 50), axis, 4, torch.bfloat16) for axis in (0, 1)]
 )
 
 
