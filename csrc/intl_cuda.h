@@ -10,12 +10,28 @@ namespace intl_cuda {
 constexpr int kNsMaxC = 256;
 enum class DType { f32, f16, bf16 };
 
-// Sums over one split of the observations of the centred Gram, upper triangle of 64 x 64 tiles
-// mirrored: ws[split][b][i][j] = sum_{n in split} (a[b,n,i] - mean[b,i]) (a[b,n,j] - mean[b,j]).
-// a is addressed a[b * sb + n * sn + c * sc] (elements), any of DType; mean (B, C) fp32.
-int gram_splits(int B, int N, int C);  // how many splits the launcher uses (ws's first dim)
-cudaError_t launch_centered_gram(const void* a, DType dt, int64_t sb, int64_t sn, int64_t sc,
-                                 const float* mean, float* ws, int B, int N, int C, cudaStream_t stream);
+// A strided (batch, rows, cols) view of a tensor: element (r, c) of batch b is
+//   p[b * sb + r * sr + c * sc]  minus  mean[b * mean_len + (mean_by_row ? r : c)]  (if mean != nullptr),
+// read as fp32 whatever its DType: how the product kernels fuse the centring into their tile loads.
+struct View {
+  const void* p;
+  int64_t sb, sr, sc;
+  int rows, cols;
+  const float* mean;
+  int64_t mean_len;
+  bool mean_by_row;
+};
+
+// OUT_b = A_b B_b (A: M x K, B: K x N views), 3xTF32 tensor cores, 64 x 64 tiles.
+// launch_product_ws: k split into product_splits(...) ranges whose partial sums go to ws
+// (splits, batch, M, N) fp32 (sum them); triangle: a symmetric result, upper tiles computed and mirrored.
+int product_splits(int M, int N, int K, bool triangle, int batch);
+cudaError_t launch_product_ws(const View& A, DType ta, const View& B, DType tb, float* ws, int batch, bool triangle,
+                              cudaStream_t stream);
+// launch_product_out: no split; element (i, j) of batch b goes to out[b * osb + i * osr + j * osc] in DType
+// `to` (accumulate: added to what is there, fp32 only).
+cudaError_t launch_product_out(const View& A, DType ta, const View& B, DType tb, void* out, DType to, int64_t osb,
+                               int64_t osr, int64_t osc, int batch, bool accumulate, cudaStream_t stream);
 
 // Newton-Schulz forward, one launch (B clusters): from sigma (B, C, C) writes S (B, C, C), tr (B),
 // Ps (B, T, C, C) = P_1..P_T, Pp (B, T-1, 2, C, C) = (P_k^2, P_k^3), v (B, C) = diag(P_T S P_T).

@@ -1,5 +1,6 @@
 // CUDA kernels of the intl backend (SPEC sections 3 and 5), Hopper (sm_90a):
-//   centered_gram_kernel  fused centring + covariance sums, upper triangle of 64 x 64 tiles, split over N
+//   tile_product_kernel   products of strided views with the centring fused into the loads: the centred
+//                         Gram (upper triangle of tiles), y = Ac W and the backward's N x C products
 //   ns_fwd_kernel         the whole Newton-Schulz forward (T steps) in one launch
 //   ns_bwd_kernel         the whole Newton-Schulz backward in one launch
 // Products use tensor cores (mma.sync m16n8k8 tf32) in 3xTF32 form: x*y ~= xh*yh + xh*yl + xl*yh with
@@ -407,35 +408,54 @@ __global__ void __launch_bounds__(kThreads, 1)
   cluster.sync();
 }
 
-// ------------------------------------------------------------------ centred Gram (any C)
+// ------------------------------------------------------------------ tiled products with fused centring (any C)
+// OUT (M x N per batch) = sum_k A(i, k) B(k, j), A and B read through strided views with the centring
+// (a mean per row or per column) applied as the tiles are loaded. 64 x 64 output tiles, 32-deep shared
+// tiles, 4 warps of 32 x 32, 3xTF32 mma. Either the upper triangle of tiles only (a symmetric result,
+// mirrored) or all tiles; the k range can be split (partial sums to a workspace, summed on the host side).
 constexpr int kGT = 64;        // output tile
-constexpr int kGK = 32;        // observations per shared tile
+constexpr int kGK = 32;        // k per shared tile
 constexpr int kGThreads = 128; // 4 warps, 2 x 2 over the tile, 32 x 32 each
 constexpr int kGLD = kGT + 8;  // conflict-free fragment loads (8 t + g covers all banks)
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ void from_float(float x, float* dst) { *dst = x; }
+__device__ __forceinline__ void from_float(float x, __half* dst) { *dst = __float2half_rn(x); }
+__device__ __forceinline__ void from_float(float x, __nv_bfloat16* dst) { *dst = __float2bfloat16_rn(x); }
 
 template <class T>
+__device__ __forceinline__ float load_view(const View& v, int b, int r, int c) {
+  if (r >= v.rows || c >= v.cols) return 0.f;
+  float x = to_float(static_cast<const T*>(v.p)[b * v.sb + r * v.sr + c * v.sc]);
+  if (v.mean != nullptr) x -= v.mean[static_cast<int64_t>(b) * v.mean_len + (v.mean_by_row ? r : c)];
+  return x;
+}
+
+template <class TA, class TB, class TO>
 __global__ void __launch_bounds__(kGThreads)
-    centered_gram_kernel(const T* __restrict__ a, int64_t sb, int64_t sn, int64_t sc, const float* __restrict__ mean,
-                         float* __restrict__ ws, int B, int N, int C, int n_per_split) {
-  __shared__ float Ai[kGK][kGLD], Aj[kGK][kGLD];
-  // Upper-triangle tile (ti <= tj) of the nt x nt tile grid.
-  const int nt = (C + kGT - 1) / kGT;
-  int idx = blockIdx.x, ti = 0;
-  while (idx >= nt - ti) {
-    idx -= nt - ti;
-    ++ti;
+    tile_product_kernel(View A, View B, TO* __restrict__ out, int64_t o_split, int64_t osb, int64_t osr, int64_t osc,
+                        int k_per_split, bool triangle, bool accumulate) {
+  __shared__ float As[kGK][kGLD], Bs[kGK][kGLD];  // As[k][i] = A(i, k), Bs[k][j] = B(k, j)
+  const int M = A.rows, N = B.cols, K = A.cols;
+  int ti, tj;
+  if (triangle) {  // upper-triangle tile (ti <= tj) of the nt x nt grid
+    const int nt = (M + kGT - 1) / kGT;
+    int idx = blockIdx.x;
+    ti = 0;
+    while (idx >= nt - ti) {
+      idx -= nt - ti;
+      ++ti;
+    }
+    tj = ti + idx;
+  } else {
+    const int ntj = (N + kGT - 1) / kGT;
+    ti = blockIdx.x / ntj;
+    tj = blockIdx.x % ntj;
   }
-  const int tj = ti + idx;
-  const bool diag_tile = ti == tj;
   const int split = blockIdx.y, b = blockIdx.z;
-  const int n_begin = split * n_per_split;
-  const int n_end = min(N, n_begin + n_per_split);
-  a += b * sb;
-  mean += static_cast<size_t>(b) * C;
+  const int k_begin = split * k_per_split, k_end = min(K, k_begin + k_per_split);
 
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, w = threadIdx.x >> 5;
   const int m0 = (w >> 1) * 32, c0 = (w & 1) * 32;
@@ -447,34 +467,32 @@ __global__ void __launch_bounds__(kGThreads)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][q][i] = 0.f;
 
-  for (int n0 = n_begin; n0 < n_end; n0 += kGK) {
-    // Load A[n0:n0+kGK, tile] centred, in fp32; the thread order follows the contiguous dimension.
+  for (int k0 = k_begin; k0 < k_end; k0 += kGK) {
+    // Thread order follows each view's contiguous dimension (coalesced loads).
     for (int e = threadIdx.x; e < kGK * kGT; e += kGThreads) {
-      const int n = sc == 1 ? e / kGT : e % kGK;
-      const int c = sc == 1 ? e % kGT : e / kGK;
-      const int gn = n0 + n, ci = ti * kGT + c, cj = tj * kGT + c;
-      Ai[n][c] = (gn < n_end && ci < C) ? to_float(a[gn * sn + ci * sc]) - mean[ci] : 0.f;
-      if (!diag_tile) Aj[n][c] = (gn < n_end && cj < C) ? to_float(a[gn * sn + cj * sc]) - mean[cj] : 0.f;
+      const int i = A.sr == 1 ? e % kGT : e / kGK, ka = A.sr == 1 ? e / kGT : e % kGK;
+      As[ka][i] = k0 + ka < k_end ? load_view<TA>(A, b, ti * kGT + i, k0 + ka) : 0.f;
+      const int j = B.sc == 1 ? e % kGT : e / kGK, kb = B.sc == 1 ? e / kGT : e % kGK;
+      Bs[kb][j] = k0 + kb < k_end ? load_view<TB>(B, b, k0 + kb, tj * kGT + j) : 0.f;
     }
     __syncthreads();
-    const float(*Bt)[kGLD] = diag_tile ? Ai : Aj;
 #pragma unroll
     for (int kk = 0; kk < kGK; kk += 8) {
       uint32_t ah[2][4], al[2][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {  // A operand = (A_i)^T: element (m, k) = Ai[k][m]
+      for (int mt = 0; mt < 2; ++mt) {  // fragment element (m, k) = As[k][m]
         const int m = m0 + mt * 16 + g;
-        split_tf32(Ai[kk + t][m], ah[mt][0], al[mt][0]);
-        split_tf32(Ai[kk + t][m + 8], ah[mt][1], al[mt][1]);
-        split_tf32(Ai[kk + t + 4][m], ah[mt][2], al[mt][2]);
-        split_tf32(Ai[kk + t + 4][m + 8], ah[mt][3], al[mt][3]);
+        split_tf32(As[kk + t][m], ah[mt][0], al[mt][0]);
+        split_tf32(As[kk + t][m + 8], ah[mt][1], al[mt][1]);
+        split_tf32(As[kk + t + 4][m], ah[mt][2], al[mt][2]);
+        split_tf32(As[kk + t + 4][m + 8], ah[mt][3], al[mt][3]);
       }
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int n = c0 + q * 8 + g;
         uint32_t bh[2], bl[2];
-        split_tf32(Bt[kk + t][n], bh[0], bl[0]);
-        split_tf32(Bt[kk + t + 4][n], bh[1], bl[1]);
+        split_tf32(Bs[kk + t][n], bh[0], bl[0]);
+        split_tf32(Bs[kk + t + 4][n], bh[1], bl[1]);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) mma_3xtf32(acc[mt][q], ah[mt], al[mt], bh, bl);
       }
@@ -482,7 +500,7 @@ __global__ void __launch_bounds__(kGThreads)
     __syncthreads();
   }
 
-  float* out = ws + (static_cast<size_t>(split) * B + b) * C * C;
+  TO* o = out + split * o_split + b * osb;
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -491,9 +509,12 @@ __global__ void __launch_bounds__(kGThreads)
       for (int i = 0; i < 4; ++i) {
         const int gi = ti * kGT + m0 + mt * 16 + g + (i >> 1) * 8;
         const int gj = tj * kGT + c0 + q * 8 + 2 * t + (i & 1);
-        if (gi < C && gj < C) {
-          out[static_cast<size_t>(gi) * C + gj] = acc[mt][q][i];
-          if (!diag_tile) out[static_cast<size_t>(gj) * C + gi] = acc[mt][q][i];  // mirror
+        if (gi < M && gj < N) {
+          float x = acc[mt][q][i];
+          TO* dst = o + gi * osr + gj * osc;
+          if (accumulate) x += to_float(*dst);
+          from_float(x, dst);
+          if (triangle && ti != tj) from_float(x, o + gj * osr + gi * osc);  // mirror
         }
       }
 }
@@ -582,44 +603,78 @@ bool env_is(const char* name, const char* value) {
 bool operand_from_l2() { return env_is("INTL_OPS_NS_OPERAND", "l2"); }
 bool wide_cluster() { return env_is("INTL_OPS_NS_CLUSTER", "16"); }
 
-// How the observations are split: `per` (a multiple of kGK) per split, enough splits to fill ~2 waves
-// of 132 SMs with the triangle's tiles, each split at least 4 shared tiles long.
-void gram_split_plan(int B, int N, int C, int& splits, int& per) {
-  const long long nt = (C + kGT - 1) / kGT, tiles = nt * (nt + 1) / 2 * B;
+// How the k range is split: `per` (a multiple of kGK) per split, enough splits to fill ~2 waves of
+// 132 SMs with the tiles, each split at least 4 shared tiles long.
+void split_plan(long long tiles, int K, int& splits, int& per) {
   long long want = (264 + tiles - 1) / tiles;
-  const long long most = (N + 4 * kGK - 1) / (4 * kGK);
+  const long long most = (K + 4 * kGK - 1) / (4 * kGK);
   want = want > most ? most : want;
   want = want < 1 ? 1 : want;
-  per = static_cast<int>(((N + want - 1) / want + kGK - 1) / kGK * kGK);
-  splits = (N + per - 1) / per;  // no empty split
+  per = static_cast<int>(((K + want - 1) / want + kGK - 1) / kGK * kGK);
+  splits = (K + per - 1) / per;  // no empty split
+}
+
+long long tile_count(int M, int N, bool triangle, int B) {
+  const long long ti = (M + kGT - 1) / kGT, tj = (N + kGT - 1) / kGT;
+  return (triangle ? ti * (ti + 1) / 2 : ti * tj) * B;
+}
+
+template <class TA, class TB, class TO>
+cudaError_t launch_product(const View& A, const View& B, TO* out, int64_t o_split, int64_t osb, int64_t osr,
+                           int64_t osc, int batch, int splits, int per, bool triangle, bool accumulate,
+                           cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(tile_count(A.rows, B.cols, triangle, 1)), splits, batch);
+  tile_product_kernel<TA, TB, TO><<<grid, kGThreads, 0, stream>>>(A, B, out, o_split, osb, osr, osc, per, triangle,
+                                                                  accumulate);
+  return cudaGetLastError();
+}
+
+// fp32 output: B fp32 with A of any type, or A and B views of the same input (the centred Gram).
+cudaError_t launch_product_f32(const View& A, DType ta, const View& B, DType tb, float* out, int64_t o_split,
+                               int64_t osb, int64_t osr, int64_t osc, int batch, int splits, int per, bool triangle,
+                               bool accumulate, cudaStream_t stream) {
+#define INTL_LAUNCH(TA_, TB_) \
+  return launch_product<TA_, TB_, float>(A, B, out, o_split, osb, osr, osc, batch, splits, per, triangle, accumulate, stream)
+  if (ta == DType::f32 && tb == DType::f32) INTL_LAUNCH(float, float);
+  if (tb == DType::f32) {
+    if (ta == DType::f16) INTL_LAUNCH(__half, float);
+    INTL_LAUNCH(__nv_bfloat16, float);
+  }
+  if (ta != tb) return cudaErrorInvalidValue;
+  if (ta == DType::f16) INTL_LAUNCH(__half, __half);
+  INTL_LAUNCH(__nv_bfloat16, __nv_bfloat16);
+#undef INTL_LAUNCH
 }
 
 }  // namespace
 
-int gram_splits(int B, int N, int C) {
+int product_splits(int M, int N, int K, bool triangle, int batch) {
   int splits, per;
-  gram_split_plan(B, N, C, splits, per);
+  split_plan(tile_count(M, N, triangle, batch), K, splits, per);
   return splits;
 }
 
-cudaError_t launch_centered_gram(const void* a, DType dt, int64_t sb, int64_t sn, int64_t sc, const float* mean,
-                                 float* ws, int B, int N, int C, cudaStream_t stream) {
+cudaError_t launch_product_ws(const View& A, DType ta, const View& B, DType tb, float* ws, int batch, bool triangle,
+                              cudaStream_t stream) {
   int splits, per;
-  gram_split_plan(B, N, C, splits, per);
-  const int nt = (C + kGT - 1) / kGT;
-  const dim3 grid(nt * (nt + 1) / 2, splits, B);
-  switch (dt) {
-    case DType::f32:
-      centered_gram_kernel<float><<<grid, kGThreads, 0, stream>>>(static_cast<const float*>(a), sb, sn, sc, mean, ws, B, N, C, per);
-      break;
-    case DType::f16:
-      centered_gram_kernel<__half><<<grid, kGThreads, 0, stream>>>(static_cast<const __half*>(a), sb, sn, sc, mean, ws, B, N, C, per);
-      break;
-    case DType::bf16:
-      centered_gram_kernel<__nv_bfloat16><<<grid, kGThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(a), sb, sn, sc, mean, ws, B, N, C, per);
-      break;
-  }
-  return cudaGetLastError();
+  split_plan(tile_count(A.rows, B.cols, triangle, batch), A.cols, splits, per);
+  const int64_t MN = static_cast<int64_t>(A.rows) * B.cols;
+  return launch_product_f32(A, ta, B, tb, ws, MN * batch, MN, B.cols, 1, batch, splits, per, triangle, false, stream);
+}
+
+cudaError_t launch_product_out(const View& A, DType ta, const View& B, DType tb, void* out, DType to, int64_t osb,
+                               int64_t osr, int64_t osc, int batch, bool accumulate, cudaStream_t stream) {
+  const int per = (A.cols + kGK - 1) / kGK * kGK;  // one split: the whole k range
+  if (to == DType::f32)
+    return launch_product_f32(A, ta, B, tb, static_cast<float*>(out), 0, osb, osr, osc, batch, 1, per, false,
+                              accumulate, stream);
+  // a low-precision output (y = Ac W in the input's dtype): A of that dtype, B fp32
+  if (ta != to || tb != DType::f32) return cudaErrorInvalidValue;
+  if (to == DType::f16)
+    return launch_product<__half, float, __half>(A, B, static_cast<__half*>(out), 0, osb, osr, osc, batch, 1, per,
+                                                 false, accumulate, stream);
+  return launch_product<__nv_bfloat16, float, __nv_bfloat16>(A, B, static_cast<__nv_bfloat16*>(out), 0, osb, osr, osc,
+                                                             batch, 1, per, false, accumulate, stream);
 }
 
 cudaError_t launch_ns_fwd(const float* sigma, float* S, float* tr, float* Ps, float* Pp, float* v, int B, int C,

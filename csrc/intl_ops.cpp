@@ -1,4 +1,5 @@
-// Registration of the intl CUDA kernels as torch ops: torch.ops.intl_cuda.{centered_gram, ns_fwd, ns_bwd}.
+// Registration of the intl CUDA kernels as torch ops: torch.ops.intl_cuda.{centered_gram, centered_matmul,
+// centered_tmatmul, grad_input, ns_fwd, ns_bwd}.
 // Schemas are defined once (TORCH_LIBRARY); the CUDA key gets the implementations; the CPU key gets the
 // same functions, whose first check rejects a non-CUDA tensor with a message naming the argument.
 // There are no pybind functions: importing intl_ops._C (or loading the library) runs the registrations.
@@ -47,32 +48,120 @@ void check_launch(cudaError_t err, const char* what) {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// Sigma = Ac^T Ac / (N - 1) of a (B, N, C) strided view (fp32/fp16/bf16), centred by mean (B, C) fp32.
-at::Tensor centered_gram(const at::Tensor& a, const at::Tensor& mean) {
+DType dtype_of(const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  return st == at::kFloat ? DType::f32 : (st == at::kHalf ? DType::f16 : DType::bf16);
+}
+
+// a: the (B, N observations, C variables) input view (fp32/fp16/bf16, any strides); mean: (B, C) fp32.
+void check_input(const at::Tensor& a, const at::Tensor& mean) {
   check_cuda(a, "a");
   check_same_device(mean, "mean", a, "a");
   TORCH_CHECK(a.dim() == 3, "a must be 3-D (B, N observations, C variables), got shape ", a.sizes());
   const auto st = a.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
               "a must be float32, float16 or bfloat16, got ", st);
-  const int64_t B = a.size(0), N = a.size(1), C = a.size(2);
-  TORCH_CHECK(N >= 2, "a must have at least 2 observations (dim 1), got shape ", a.sizes());
-  TORCH_CHECK(C >= 1 && N <= INT_MAX && C <= 46340 && B <= 65535, "a has an unsupported shape ", a.sizes());
+  TORCH_CHECK(a.size(1) >= 2, "a must have at least 2 observations (dim 1), got shape ", a.sizes());
+  TORCH_CHECK(a.size(2) >= 1 && a.size(1) <= INT_MAX / 2 && a.size(2) <= 46340 && a.size(0) <= 65535,
+              "a has an unsupported shape ", a.sizes());
   check_f32(mean, "mean");
-  check_shape(mean, "mean", {B, C});
+  check_shape(mean, "mean", {a.size(0), a.size(2)});
+}
+
+void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& a, at::IntArrayRef shape) {
+  check_same_device(t, name, a, "a");
+  check_f32(t, name);
+  check_shape(t, name, shape);
+}
+
+// The view of A (B, N, C) itself (rows = observations), centred by column, and of A^T (rows = variables).
+View view_a(const at::Tensor& a, const at::Tensor& mean) {
+  return {a.data_ptr(), a.stride(0), a.stride(1), a.stride(2), static_cast<int>(a.size(1)), static_cast<int>(a.size(2)),
+          mean.data_ptr<float>(), a.size(2), false};
+}
+View view_at(const at::Tensor& a, const at::Tensor& mean) {
+  return {a.data_ptr(), a.stride(0), a.stride(2), a.stride(1), static_cast<int>(a.size(2)), static_cast<int>(a.size(1)),
+          mean.data_ptr<float>(), a.size(2), true};
+}
+// A plain fp32 (B, R, C) tensor, or its transpose per batch.
+View view_f32(const at::Tensor& t, bool transpose = false) {
+  const int r = static_cast<int>(t.size(1)), c = static_cast<int>(t.size(2));
+  if (transpose) return {t.data_ptr(), t.stride(0), t.stride(2), t.stride(1), c, r, nullptr, 0, false};
+  return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), r, c, nullptr, 0, false};
+}
+
+// Sums of the split partial products, in a fixed order (no second buffer when there is one split).
+at::Tensor sum_splits(const at::Tensor& ws) { return ws.size(0) == 1 ? ws.select(0, 0) : ws.sum(0); }
+
+// Sigma = Ac^T Ac / (N - 1): the centred covariance of the variables, exactly symmetric.
+at::Tensor centered_gram(const at::Tensor& a, const at::Tensor& mean) {
+  check_input(a, mean);
+  const int64_t B = a.size(0), N = a.size(1), C = a.size(2);
   if (B == 0) return at::zeros({0, C, C}, a.options().dtype(at::kFloat));
   const c10::cuda::CUDAGuard guard(a.device());
   const at::Tensor m = mean.contiguous();
-  const int splits = gram_splits(static_cast<int>(B), static_cast<int>(N), static_cast<int>(C));
+  const int splits = product_splits(static_cast<int>(C), static_cast<int>(C), static_cast<int>(N), true, static_cast<int>(B));
   at::Tensor ws = at::empty({splits, B, C, C}, a.options().dtype(at::kFloat));
-  const DType dt = st == at::kFloat ? DType::f32 : (st == at::kHalf ? DType::f16 : DType::bf16);
-  check_launch(launch_centered_gram(a.data_ptr(), dt, a.stride(0), a.stride(1), a.stride(2), m.data_ptr<float>(),
-                                    ws.data_ptr<float>(), static_cast<int>(B), static_cast<int>(N),
-                                    static_cast<int>(C), current_stream()),
+  check_launch(launch_product_ws(view_at(a, m), dtype_of(a), view_a(a, m), dtype_of(a), ws.data_ptr<float>(),
+                                 static_cast<int>(B), true, current_stream()),
                "centered_gram");
-  const double n_minus_1 = static_cast<double>(N - 1);
-  if (splits == 1) return ws.select(0, 0).div_(n_minus_1);  // large C: no second C x C buffer
-  return ws.sum(0).div_(n_minus_1);  // the splits' partial sums, in a fixed order
+  return sum_splits(ws).div_(static_cast<double>(N - 1));
+}
+
+// y = (a - mean) w in a's dtype: (B, N, C), or (B, C, N) = y^T per batch with transpose_out.
+at::Tensor centered_matmul(const at::Tensor& a, const at::Tensor& mean, const at::Tensor& w, bool transpose_out) {
+  check_input(a, mean);
+  const int64_t B = a.size(0), N = a.size(1), C = a.size(2);
+  check_matrix(w, "w", a, {B, C, C});
+  at::Tensor y = at::empty(transpose_out ? at::IntArrayRef{B, C, N} : at::IntArrayRef{B, N, C}, a.options());
+  if (B == 0) return y;
+  const c10::cuda::CUDAGuard guard(a.device());
+  const at::Tensor m = mean.contiguous(), wc = w.contiguous();
+  const int64_t osr = transpose_out ? 1 : C, osc = transpose_out ? N : 1;
+  check_launch(launch_product_out(view_a(a, m), dtype_of(a), view_f32(wc), DType::f32, y.data_ptr(), dtype_of(y), N * C,
+                                  osr, osc, static_cast<int>(B), false, current_stream()),
+               "centered_matmul");
+  return y;
+}
+
+// (a - mean)^T g: (B, C, C) fp32, g (B, N, C) fp32 (any strides).
+at::Tensor centered_tmatmul(const at::Tensor& a, const at::Tensor& mean, const at::Tensor& g) {
+  check_input(a, mean);
+  const int64_t B = a.size(0), N = a.size(1), C = a.size(2);
+  check_matrix(g, "g", a, {B, N, C});
+  if (B == 0) return at::zeros({0, C, C}, a.options().dtype(at::kFloat));
+  const c10::cuda::CUDAGuard guard(a.device());
+  const at::Tensor m = mean.contiguous();
+  const int splits = product_splits(static_cast<int>(C), static_cast<int>(C), static_cast<int>(N), false, static_cast<int>(B));
+  at::Tensor ws = at::empty({splits, B, C, C}, a.options().dtype(at::kFloat));
+  check_launch(launch_product_ws(view_at(a, m), dtype_of(a), view_f32(g), DType::f32, ws.data_ptr<float>(),
+                                 static_cast<int>(B), false, current_stream()),
+               "centered_tmatmul");
+  return sum_splits(ws);
+}
+
+// The input gradient g w^T + (a - mean) mm in a's dtype, (B, N, C) or (B, C, N) with transpose_out.
+at::Tensor grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& a, const at::Tensor& mean,
+                      const at::Tensor& mm, bool transpose_out) {
+  check_input(a, mean);
+  const int64_t B = a.size(0), N = a.size(1), C = a.size(2);
+  check_matrix(g, "g", a, {B, N, C});
+  check_matrix(w, "w", a, {B, C, C});
+  check_matrix(mm, "mm", a, {B, C, C});
+  at::Tensor out = at::empty(transpose_out ? at::IntArrayRef{B, C, N} : at::IntArrayRef{B, N, C}, a.options());
+  if (B == 0) return out;
+  const c10::cuda::CUDAGuard guard(a.device());
+  const at::Tensor m = mean.contiguous(), wc = w.contiguous(), mc = mm.contiguous();
+  at::Tensor acc = at::empty({B, N, C}, a.options().dtype(at::kFloat));
+  const int batch = static_cast<int>(B);
+  check_launch(launch_product_out(view_f32(g), DType::f32, view_f32(wc, true), DType::f32, acc.data_ptr(), DType::f32,
+                                  N * C, C, 1, batch, false, current_stream()),
+               "grad_input");
+  check_launch(launch_product_out(view_a(a, m), dtype_of(a), view_f32(mc), DType::f32, acc.data_ptr(), DType::f32,
+                                  N * C, C, 1, batch, true, current_stream()),
+               "grad_input");
+  (transpose_out ? out.transpose(1, 2) : out).copy_(acc);
+  return out;
 }
 
 // One-launch Newton-Schulz forward: (S, tr, Ps, Pp, v) from sigma (B, C, C), C <= 256.
@@ -136,12 +225,18 @@ at::Tensor ns_bwd(const at::Tensor& wbar, const at::Tensor& S, const at::Tensor&
 
 TORCH_LIBRARY(intl_cuda, m) {
   m.def("centered_gram(Tensor a, Tensor mean) -> Tensor");
+  m.def("centered_matmul(Tensor a, Tensor mean, Tensor w, bool transpose_out) -> Tensor");
+  m.def("centered_tmatmul(Tensor a, Tensor mean, Tensor g) -> Tensor");
+  m.def("grad_input(Tensor g, Tensor w, Tensor a, Tensor mean, Tensor mm, bool transpose_out) -> Tensor");
   m.def("ns_fwd(Tensor sigma, int iters) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ns_bwd(Tensor wbar, Tensor S, Tensor tr, Tensor Ps, Tensor Pp, int iters, int n_obs) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(intl_cuda, CUDA, m) {
   m.impl("centered_gram", &centered_gram);
+  m.impl("centered_matmul", &centered_matmul);
+  m.impl("centered_tmatmul", &centered_tmatmul);
+  m.impl("grad_input", &grad_input);
   m.impl("ns_fwd", &ns_fwd);
   m.impl("ns_bwd", &ns_bwd);
 }
@@ -149,6 +244,9 @@ TORCH_LIBRARY_IMPL(intl_cuda, CUDA, m) {
 // CPU tensors reach the same functions, whose first TORCH_CHECK names the argument that is not on CUDA.
 TORCH_LIBRARY_IMPL(intl_cuda, CPU, m) {
   m.impl("centered_gram", &centered_gram);
+  m.impl("centered_matmul", &centered_matmul);
+  m.impl("centered_tmatmul", &centered_tmatmul);
+  m.impl("grad_input", &grad_input);
   m.impl("ns_fwd", &ns_fwd);
   m.impl("ns_bwd", &ns_bwd);
 }

@@ -1,18 +1,18 @@
 """CUDA C++ backend (csrc/): the `intl` math with hand-written Hopper kernels where they pay.
 
-Custom kernels (torch.ops.intl_cuda.*, csrc/intl_kernels.cu, sm_90a):
-  centered_gram  Sigma = Ac^T Ac / (N - 1) with the centring fused into the tile loads, only the upper
-                 triangle of 64 x 64 tiles computed (mirrored), split over the N observations; any C.
-  ns_fwd         the whole Newton-Schulz forward for C <= 256 in ONE launch (a thread-block cluster per
-                 matrix, S and the iterates in distributed shared memory): S, tr, P_1..P_T, (P_k^2, P_k^3)
-                 and the output variances v = diag(P_T S P_T) (the trace loss needs no pass over y).
-  ns_bwd         the whole Newton-Schulz backward for C <= 256 in one launch: M = (Sigmabar + Sigmabar^T)/(N-1).
-All products use tensor cores in 3xTF32 form (fp32-level accuracy, as the fp32 reference).
-Composed with torch ops: the column means, the centring pass and the big N x C products
-(y = Ac W, Wbar = Ac^T Ybar, Acbar = Ybar W^T + Ac M) run in cuBLAS (fp32 as the reference, TF32 if
-the user allows it). A 3xTF32 product kernel with the centring fused might beat fp32 SGEMM by up to ~2x
-on these; it is not written: it would need tuning on the hardware first.
-C > 256: centered_gram + the Newton-Schulz loop in torch (forward), the reference backward.
+Custom kernels (torch.ops.intl_cuda.*, csrc/intl_kernels.cu, sm_90a), all on tensor cores in 3xTF32
+form (fp32-level accuracy, as the fp32 reference), reading the input through its strides (no transposed
+copy for axis=0) with the centring fused into the tile loads (Ac is never materialised):
+  centered_gram     Sigma = Ac^T Ac / (N - 1): upper triangle of 64 x 64 tiles (mirrored), split over N.
+  ns_fwd            the whole Newton-Schulz forward for C <= 256 in ONE launch (a thread-block cluster per
+                    matrix, S and the iterates in distributed shared memory): S, tr, P_1..P_T, (P_k^2, P_k^3)
+                    and the output variances v = diag(P_T S P_T) (the trace loss needs no pass over y).
+  centered_matmul   y = Ac W, written in x's dtype and layout.
+  ns_bwd            the whole Newton-Schulz backward for C <= 256 in one launch: M = (Sigmabar + Sigmabar^T)/(N-1).
+  centered_tmatmul  Wbar = Ac^T Ybar;   grad_input  Abar = Ybar W^T + Ac M, in x's dtype and layout.
+Composed with torch ops: the column means and Ybar (the incoming gradient plus the trace-loss term,
+centred: one elementwise pass). C > 256: centered_gram, then the Newton-Schulz loop, y and the whole
+backward in torch (the reference's math).
 float64 inputs use the reference backend (the kernels compute in fp32).
 
 Loading (importing this module never compiles anything and never fails):
@@ -147,7 +147,18 @@ def _register_fakes() -> None:
     def bwd(wbar, S, tr, Ps, Pp, iters, n_obs):
         return torch.empty_like(wbar, memory_format=torch.contiguous_format)
 
-    for name, fn in (("centered_gram", gram), ("ns_fwd", fwd), ("ns_bwd", bwd)):
+    def matmul(a, mean, w, transpose_out):
+        B, N, C = a.shape
+        return a.new_empty((B, C, N) if transpose_out else (B, N, C))
+
+    def tmatmul(a, mean, g):
+        return gram(a, mean)
+
+    def grad_input(g, w, a, mean, mm, transpose_out):
+        return matmul(a, mean, w, transpose_out)
+
+    for name, fn in (("centered_gram", gram), ("ns_fwd", fwd), ("ns_bwd", bwd), ("centered_matmul", matmul),
+                     ("centered_tmatmul", tmatmul), ("grad_input", grad_input)):
         torch.library.register_fake(f"intl_cuda::{name}", fn)
 
 
@@ -227,11 +238,10 @@ def iternorm_fwd(x: Tensor, iters: int, axis: int) -> IterNormSaved:
         S, tr, Ps, Pp = _ns_fwd_torch(sigma, iters)
     P_T = Ps[:, -1] if iters >= 1 else torch.eye(C, dtype=S.dtype, device=S.device).expand_as(S)
     W = P_T * _inv_sqrt(tr)[:, None, None]
-    ac = a.float() - mean[:, None, :]
     if C <= NS_MAX_C:
-        y = (W.mT @ ac.mT if axis == 0 else ac @ W).to(x.dtype)
+        y = _K.centered_matmul(a, mean, W, axis == 0)  # (B, m, d) in x's dtype
     else:  # N < C is common here: the variances from y cost less than another C x C x C product
-        y_obs = ac @ W
+        y_obs = (a.float() - mean[:, None, :]) @ W
         v = y_obs.var(dim=1, correction=1)
         y = (y_obs.mT if axis == 0 else y_obs).to(x.dtype)
     return IterNormSaved(y.contiguous().reshape(x.shape), mean.reshape(*batch, C), S.reshape(*batch, C, C),
@@ -249,18 +259,17 @@ def iternorm_bwd(grad_y: Tensor, grad_v: Tensor, y: Tensor, x: Tensor, mean: Ten
     B, N, _ = a.shape
     mean, S, tr = mean.reshape(B, C), S.reshape(B, C, C), tr.reshape(B)
     Ps, Pp = Ps.reshape(B, *Ps.shape[-3:]), Pp.reshape(B, *Pp.shape[-4:])
-    ac = a.float() - mean[:, None, :]
     yo = as_observations(y.reshape(-1, m, d), axis).float()
-    ybar = as_observations(grad_y.reshape(-1, m, d), axis).float()
-    # The trace-loss route: v_j = var_j(y) enters as Ybar += 2 gv_j (y_ij - mean_j) / (N - 1).
-    ybar = ybar + (2.0 / (N - 1)) * grad_v.reshape(B, 1, C) * (yo - yo.mean(dim=1, keepdim=True))
+    gy = as_observations(grad_y.reshape(-1, m, d), axis).float()
+    # Ybar = gy + 2 gv_j (y_ij - mean_j) / (N - 1) (the trace-loss route), centred over the observations:
+    # then Ac^T Ybar is unchanged and Ybar W^T + Ac M already has zero column means (Abar needs no pass).
+    coef = (2.0 / (N - 1)) * grad_v.reshape(B, 1, C)
+    ybar = (gy - gy.mean(dim=1, keepdim=True)) + coef * (yo - yo.mean(dim=1, keepdim=True))
     P_T = Ps[:, -1] if iters >= 1 else torch.eye(C, dtype=S.dtype, device=S.device).expand_as(S)
     W = P_T * _inv_sqrt(tr)[:, None, None]
-    wbar = ac.mT @ ybar
+    wbar = _K.centered_tmatmul(a, mean, ybar)
     M = _K.ns_bwd(wbar, S, tr, Ps, Pp, iters, N)
-    acbar = torch.baddbmm(ybar @ W.mT, ac, M)
-    abar = acbar - acbar.mean(dim=1, keepdim=True)
-    return as_observations(abar, axis).to(x.dtype).contiguous().reshape(x.shape)
+    return _K.grad_input(ybar, W, a, mean, M, axis == 0).reshape(x.shape)
 
 
 _try_load()

@@ -33,11 +33,16 @@ def ext():
 
 # ------------------------------------------------------------------ CPU tier
 def test_ops_registered(ext):
-    schemas = {name: str(getattr(torch.ops.intl_cuda, name).default._schema) for name in ("centered_gram", "ns_fwd", "ns_bwd")}
+    names = ("centered_gram", "ns_fwd", "ns_bwd", "centered_matmul", "centered_tmatmul", "grad_input")
+    schemas = {name: str(getattr(torch.ops.intl_cuda, name).default._schema) for name in names}
     assert schemas["centered_gram"] == "intl_cuda::centered_gram(Tensor a, Tensor mean) -> Tensor"
     assert schemas["ns_fwd"] == "intl_cuda::ns_fwd(Tensor sigma, int iters) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     assert schemas["ns_bwd"] == ("intl_cuda::ns_bwd(Tensor wbar, Tensor S, Tensor tr, Tensor Ps, Tensor Pp, "
                                  "int iters, int n_obs) -> Tensor")
+    assert schemas["centered_matmul"] == "intl_cuda::centered_matmul(Tensor a, Tensor mean, Tensor w, bool transpose_out) -> Tensor"
+    assert schemas["centered_tmatmul"] == "intl_cuda::centered_tmatmul(Tensor a, Tensor mean, Tensor g) -> Tensor"
+    assert schemas["grad_input"] == ("intl_cuda::grad_input(Tensor g, Tensor w, Tensor a, Tensor mean, Tensor mm, "
+                                     "bool transpose_out) -> Tensor")
 
 
 @pytest.mark.parametrize("op, args, name", [
@@ -45,7 +50,11 @@ def test_ops_registered(ext):
     ("ns_fwd", lambda: (torch.randn(2, 5, 5), 3), "sigma"),
     ("ns_bwd", lambda: (torch.randn(1, 5, 5), torch.randn(1, 5, 5), torch.ones(1), torch.randn(1, 2, 5, 5),
                         torch.randn(1, 1, 2, 5, 5), 2, 7), "wbar"),
-], ids=["centered_gram", "ns_fwd", "ns_bwd"])
+    ("centered_matmul", lambda: (torch.randn(2, 7, 5), torch.randn(2, 5), torch.randn(2, 5, 5), True), "a"),
+    ("centered_tmatmul", lambda: (torch.randn(2, 7, 5), torch.randn(2, 5), torch.randn(2, 7, 5)), "a"),
+    ("grad_input", lambda: (torch.randn(2, 7, 5), torch.randn(2, 5, 5), torch.randn(2, 7, 5), torch.randn(2, 5),
+                            torch.randn(2, 5, 5), False), "a"),
+], ids=["centered_gram", "ns_fwd", "ns_bwd", "centered_matmul", "centered_tmatmul", "grad_input"])
 def test_cpu_tensors_rejected_naming_the_argument(ext, op, args, name):
     with pytest.raises(RuntimeError, match=f"{name} must be a CUDA tensor, got cpu"):
         getattr(torch.ops.intl_cuda, op)(*args())
@@ -68,6 +77,13 @@ def test_fake_shapes(ext):
     gram = torch.ops.intl_cuda.centered_gram(a, torch.empty(B, C, device="meta"))
     assert gram.shape == (B, C, C) and gram.dtype == torch.float32
     assert torch.ops.intl_cuda.ns_bwd(S, S, tr, Ps, Pp, iters, N).shape == (B, C, C)
+    mean = torch.empty(B, C, device="meta")
+    y = torch.ops.intl_cuda.centered_matmul(a, mean, S, True)
+    assert y.shape == (B, C, N) and y.dtype == torch.bfloat16
+    assert torch.ops.intl_cuda.centered_matmul(a, mean, S, False).shape == (B, N, C)
+    assert torch.ops.intl_cuda.centered_tmatmul(a, mean, torch.empty(B, N, C, device="meta")).shape == (B, C, C)
+    g = torch.ops.intl_cuda.grad_input(torch.empty(B, N, C, device="meta"), S, a, mean, S, True)
+    assert g.shape == (B, C, N) and g.dtype == torch.bfloat16
 
 
 def test_import_never_builds(tmp_path):
@@ -93,6 +109,20 @@ class _EmulatedKernels:
     def centered_gram(a, mean):
         ac = a.to(mean.dtype) - mean[:, None, :]
         return ac.mT @ ac / (a.shape[1] - 1)
+
+    @staticmethod
+    def centered_matmul(a, mean, w, transpose_out):
+        y = ((a.to(mean.dtype) - mean[:, None, :]) @ w).to(a.dtype)
+        return (y.mT if transpose_out else y).contiguous()
+
+    @staticmethod
+    def centered_tmatmul(a, mean, g):
+        return (a.to(mean.dtype) - mean[:, None, :]).mT @ g
+
+    @staticmethod
+    def grad_input(g, w, a, mean, mm, transpose_out):
+        r = (g @ w.mT + (a.to(mean.dtype) - mean[:, None, :]) @ mm).to(a.dtype)
+        return (r.mT if transpose_out else r).contiguous()
 
     @staticmethod
     def ns_fwd(sigma, iters):
@@ -267,6 +297,10 @@ def test_opcheck(ext, axis):
     torch.library.opcheck(torch.ops.intl_cuda.centered_gram.default, (a, a.mean(1)))
     torch.library.opcheck(torch.ops.intl_cuda.ns_fwd.default, (sigma, 3))
     torch.library.opcheck(torch.ops.intl_cuda.ns_bwd.default, (torch.randn_like(S), S, tr, Ps, Pp, 3, a.shape[1]))
+    g = torch.randn_like(a)
+    torch.library.opcheck(torch.ops.intl_cuda.centered_matmul.default, (a, a.mean(1), S, axis == 0))
+    torch.library.opcheck(torch.ops.intl_cuda.centered_tmatmul.default, (a, a.mean(1), g))
+    torch.library.opcheck(torch.ops.intl_cuda.grad_input.default, (g, S, a, a.mean(1), S, axis == 0))
 
 
 @gpu
@@ -355,3 +389,38 @@ def test_each_kernel_against_float64(ext, monkeypatch, C, iters, knobs):
     M = torch.ops.intl_cuda.ns_bwd(wbar, S, tr, Ps, Pp, iters, N)
     M64 = emu.ns_bwd(wbar.double(), S.double(), tr.double(), Ps.double(), Pp.double(), iters, N)
     torch.testing.assert_close(M.double(), M64, rtol=1e-4, atol=1e-4 * M64.abs().max().item())
+
+
+def _close_to_64(got, want64, what):
+    torch.testing.assert_close(got.double(), want64, rtol=1e-5, atol=3e-5 * want64.abs().max().item(), msg=what)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("axis", [0, 1], ids=["axis0", "axis1"])
+@pytest.mark.parametrize("N, C", [(77, 5), (300, 130), (65, 256), (50, 300)])
+def test_each_product_against_float64(ext, N, C, axis, dtype):
+    """The tiled products with fused centring alone (input views of either layout) against float64."""
+    shape = (2, C, N) if axis == 0 else (2, N, C)
+    x = _random(shape, dtype, seed=8)
+    a = intl_ops.reference.as_observations(x, axis)
+    a64 = a.double()
+    mean = a.mean(1, dtype=torch.float32)
+    w, mm = torch.randn(2, C, C, device="cuda"), torch.randn(2, C, C, device="cuda")
+    g = intl_ops.reference.as_observations(torch.randn(shape, device="cuda"), axis)  # the layout backend_cuda passes
+    emu = _EmulatedKernels
+    m64 = mean.double()
+    _close_to_64(torch.ops.intl_cuda.centered_gram(a, mean), emu.centered_gram(a64, m64), "centered_gram")
+    _close_to_64(torch.ops.intl_cuda.centered_tmatmul(a, mean, g), emu.centered_tmatmul(a64, m64, g.double()),
+                 "centered_tmatmul")
+    for transpose_out in (False, True):
+        y = torch.ops.intl_cuda.centered_matmul(a, mean, w, transpose_out)
+        y64 = emu.centered_matmul(a64, m64, w.double(), transpose_out)
+        assert y.dtype == dtype and y.shape == y64.shape
+        # low precision: at most the output's rounding (half an ulp) on top
+        tol = {torch.float32: 3e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+        torch.testing.assert_close(y.double(), y64, rtol=tol, atol=tol * y64.abs().max().item())
+        gi = torch.ops.intl_cuda.grad_input(g, w, a, mean, mm, transpose_out)
+        gi64 = emu.grad_input(g.double(), w.double(), a64, m64, mm.double(), transpose_out)
+        assert gi.dtype == dtype and gi.shape == gi64.shape
+        torch.testing.assert_close(gi.double(), gi64, rtol=tol, atol=tol * gi64.abs().max().item())
