@@ -6,7 +6,7 @@ At the reference default (K views of 256 x 8192, axis=0: C = 256, N = 8192) it t
 events (median, p20, p80 over repeats after warm-up):
   - the one-launch Newton-Schulz forward / backward (torch.ops.intl_cuda.ns_fwd / ns_bwd) for each knob
     setting (remote operand from DSMEM or L2; clusters of 8 or 16 blocks), against the reference loop;
-  - the centred Gram against the torch equivalent (mean, subtract, matmul);
+  - the centred Gram and the three N x C products against their torch equivalents (fp32 cuBLAS);
   - iternorm_fwd and fwd+bwd of intl_loss for every backend that is available (reference, triton, cuda).
 Prints a markdown table and writes bench_kernels.json / .md under --out (default $OUT if set).
 """
@@ -95,6 +95,14 @@ def main() -> None:
     add("Newton-Schulz forward", "reference (torch)", lambda: ns_reference(S, T))
     add("centred Gram", "cuda kernel", lambda: torch.ops.intl_cuda.centered_gram(a, mean))
     add("centred Gram", "torch", lambda: (lambda ac: ac.mT @ ac / (a.shape[1] - 1))(a - a.mean(1, keepdim=True)))
+    W = Ps[:, -1] * tr.rsqrt()[:, None, None]
+    g = torch.randn_like(a)
+    add("y = Ac W", "cuda kernel", lambda: torch.ops.intl_cuda.centered_matmul(a, mean, W, True))
+    add("y = Ac W", "torch", lambda: W.mT @ (a - mean[:, None, :]).mT)
+    add("Wbar = Ac^T Ybar", "cuda kernel", lambda: torch.ops.intl_cuda.centered_tmatmul(a, mean, g))
+    add("Wbar = Ac^T Ybar", "torch", lambda: (a - mean[:, None, :]).mT @ g)
+    add("Ybar W^T + Ac M", "cuda kernel", lambda: torch.ops.intl_cuda.grad_input(g, W, a, mean, W, True))
+    add("Ybar W^T + Ac M", "torch", lambda: torch.baddbmm(g @ W.mT, a - mean[:, None, :], W))
     views = x.clone().requires_grad_(True)
     for backend, status in intl_ops.available_backends(dev).items():
         if status != "available":
