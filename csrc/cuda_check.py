@@ -79,10 +79,11 @@ def main() -> int:
         print("cuda-check FAILED: no kernels found in the ptxas report")
         return 1
     bad = []
-    print(f"{'kernel':<44} {'arch':<7} {'regs':>4} {'smem(static)':>12} {'stack':>5} {'spill st/ld':>11}")
+    width = max(len(k["name"]) for k in kernels)
+    print(f"{'kernel':<{width}} {'arch':<7} {'regs':>4} {'smem(static)':>12} {'stack':>5} {'spill st/ld':>11}")
     for k in kernels:
         spills = k.get("spill_st", -1) + k.get("spill_ld", -1)
-        print(f"{k['name']:<44} {k['arch']:<7} {k.get('regs', -1):>4} {k.get('smem', 0):>12} "
+        print(f"{k['name']:<{width}} {k['arch']:<7} {k.get('regs', -1):>4} {k.get('smem', 0):>12} "
               f"{k.get('stack', -1):>5} {k.get('spill_st', -1):>5}/{k.get('spill_ld', -1):<5}")
         if k.get("stack", -1) != 0 or spills != 0:
             bad.append(k["name"])
