@@ -127,16 +127,17 @@ def measure_peaks(device: torch.device, quick: bool = False) -> dict:
     copy (bytes read + written). Used on CPU and on GPUs other than the H200 (whose table is above).
     These are achieved ceilings, not datasheet numbers, so time / floor >= 1 is expected."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    peaks: dict = {"method": "measured: best-of-N square matmul per dtype, large tensor copy_"}
     n = (1024 if quick else 2048) if device.type == "cpu" else 8192
+    numel = (64 if device.type == "cpu" else 512) * 2**20 // 4
+    peaks: dict = {"method": f"measured now: best of 5 {n}^3 matmuls per dtype (bf16 {n // 2}^3 on CPU), best of 5 "
+                             f"copy_ of {numel * 4 >> 20} MiB, {torch.get_num_threads()} threads"}
     for key, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         nn = n if key == "fp32" or device.type == "cuda" else n // 2  # CPU bf16 can be slow
         a = torch.randn(nn, nn, device=device, dtype=dt)
         b = torch.randn(nn, nn, device=device, dtype=dt)
-        peaks[key] = 2 * nn**3 / _best_seconds(lambda: a @ b, 3, sync)
+        peaks[key] = 2 * nn**3 / _best_seconds(lambda: a @ b, 5, sync)
     peaks["fp16"] = peaks["bf16"]
     peaks["tf32"] = peaks["fp32"]  # torch's fp32 matmul default (no tf32)
-    numel = (64 if device.type == "cpu" else 512) * 2**20 // 4
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     peaks["bytes_per_s"] = 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), 5, sync)

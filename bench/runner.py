@@ -40,6 +40,12 @@ def quick_grid() -> list[Case]:
     ]
 
 
+def tiny_grid() -> list[Case]:
+    """Seconds, not minutes: the harness's own tests (tests/test_bench.py)."""
+    return [Case("iternorm", 12, 40, axis=0), Case("iternorm", 40, 12, axis=1, iters=5), Case("trace_loss", 12, 40),
+            Case("intl_loss", 12, 40, axis=0, k=2), Case("intl_loss", 40, 12, axis=1, k=6), Case("whiten", 40, 12, axis=1)]
+
+
 def whiten_grid(device: torch.device) -> list[Case]:
     """Issue 7: whitening of C variables from N = 2C observations (axis=1, x is (2C, C)).
     C = 4096 needs a GPU (one eigh of 4096^2 takes tens of seconds on 2 CPU cores)."""
@@ -256,6 +262,7 @@ def parse_args(argv=None):
     g.add_argument("--quick", action="store_true", help="small CPU grid (the default without a GPU)")
     g.add_argument("--full", action="store_true", help="the issue's full grid (the default with a GPU)")
     g.add_argument("--whiten", action="store_true", help="whitening methods only (issue 7)")
+    g.add_argument("--tiny", action="store_true", help="tiny shapes: the harness's own tests")
     g.add_argument("--foundation", action="store_true", help="issue 2's CPU benchmark, reference vs literal")
     g.add_argument("--ops", help=f"comma list of ops to keep, of {','.join(P.OPS)}")
     g.add_argument("--providers", help=f"comma list of providers to keep, of {','.join(P.PROVIDERS + P.WHITEN_PROVIDERS)}")
@@ -312,7 +319,9 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
     P.raise_dynamo_limits()
-    if args.whiten:
+    if args.tiny:
+        grid_name, cases = "tiny", tiny_grid()
+    elif args.whiten:
         grid_name, cases = "whiten", whiten_grid(device)
     elif args.full or (device.type == "cuda" and not args.quick):
         grid_name, cases = "full", full_grid(device)
@@ -320,7 +329,7 @@ def main(argv=None) -> int:
         grid_name, cases = "quick", quick_grid()
     cases = select(cases, args)
     if args.target_s is None:
-        args.target_s = 0.2 if grid_name == "quick" else 1.0
+        args.target_s = {"quick": 0.2, "tiny": 0.01}.get(grid_name, 1.0)
     modes = _csv(args.modes) or list(P.MODES)
     bad = [m for m in modes if m not in P.MODES]
     if bad:
@@ -334,7 +343,7 @@ def main(argv=None) -> int:
 
     prov = report.provenance(device)
     log(f"measuring peaks on {prov['device']} ...")
-    peaks = roofline.device_peaks(device, quick=grid_name == "quick")
+    peaks = roofline.device_peaks(device, quick=grid_name in ("quick", "tiny"))
     results = Path(args.results_dir)
     stem = report.run_stem(prov, grid_name)
     save = not args.no_save
