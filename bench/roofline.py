@@ -25,7 +25,9 @@ C x C intermediates and workspaces are the implementation's choice, not the op's
     forward  reads x, writes y (iternorm/whiten) or a scalar (losses: 4 bytes, ignored);
     backward reads x and dy (iternorm/whiten; losses have a scalar dy), writes dx;
     full     reads x (and dy), writes y (iternorm/whiten) and dx.
-floor = max(FLOPs / peak FLOP/s, bytes / peak bytes/s); a row's "x floor" is time / floor.
+floor = max(FLOPs / peak FLOP/s, bytes / peak bytes/s); a row's "x floor" is time / floor. The
+FLOP/s peak is that of the row's input precision, or fp32's when faster (a bf16 input may be computed
+in fp32: on CPUs without bf16 units fp32 is the faster path); fp32 rows use tf32 with --tf32 only.
 """
 from __future__ import annotations
 
@@ -95,18 +97,22 @@ def work(op: str, mode: str, m: int, d: int, axis: int, iters: int, k: int, dtyp
     return Work(float(flops), float(io[mode]))
 
 
-def peak_flops_key(dtype: str, tf32: bool) -> str:
-    """Which peak applies to a row: the input precision (fp32 rows use tf32 when it is enabled)."""
+def peak_flops_keys(dtype: str, tf32: bool) -> tuple[str, ...]:
+    """The precisions a row may compute in: its input precision or any finer one (bf16/fp16 inputs
+    may be computed in fp32, as intl_ops does); fp32 rows use tf32 only when it is enabled."""
+    if dtype in ("bf16", "fp16"):
+        return (dtype, "fp32")
     if dtype == "fp32" and tf32:
-        return "tf32"
-    return dtype
+        return ("tf32",)
+    return (dtype,)
 
 
 def floor_seconds(w: Work, peaks: dict, dtype: str, tf32: bool = False) -> float | None:
-    key = peak_flops_key(dtype, tf32)
-    if key not in peaks or not peaks.get("bytes_per_s"):
+    """max(FLOPs / the fastest allowed peak, bytes / bandwidth), or None without the peaks."""
+    rates = [peaks[k] for k in peak_flops_keys(dtype, tf32) if isinstance(peaks.get(k), (int, float))]
+    if not rates or not peaks.get("bytes_per_s"):
         return None
-    return max(w.flops / peaks[key], w.bytes / peaks["bytes_per_s"])
+    return max(w.flops / max(rates), w.bytes / peaks["bytes_per_s"])
 
 
 # ------------------------------------------------------------------ measuring peaks

@@ -53,6 +53,15 @@ def whiten_grid(device: torch.device) -> list[Case]:
     return [Case("whiten", 2 * c, c, axis=1, dtype=dt) for dt in ("fp32",) for c in sizes]
 
 
+def headline_grid(device: torch.device) -> list[Case]:
+    """The reference defaults users run: intl_loss (2 views and 6 crops) and iternorm at per-view
+    m=256, d=8192, axis=0, T=4, and iternorm / intl_loss at m=256, d=1024, axis=1; bf16 and fp32."""
+    return [c for dt in ("bf16", "fp32") for c in (
+        Case("intl_loss", 256, 8192, axis=0, k=2, dtype=dt), Case("iternorm", 256, 8192, axis=0, dtype=dt),
+        Case("intl_loss", 256, 8192, axis=0, k=6, dtype=dt), Case("iternorm", 256, 1024, axis=1, dtype=dt),
+        Case("intl_loss", 256, 1024, axis=1, k=2, dtype=dt))]
+
+
 def full_grid(device: torch.device) -> list[Case]:
     """The issue's grid, most important first (a time budget cuts from the end):
     the reference defaults (per view m=256, d=8192, axis=0, T=4) for intl_loss (2 views, 6 crops)
@@ -79,6 +88,10 @@ def full_grid(device: torch.device) -> list[Case]:
         cases += [Case("trace_loss", 256, 8192, axis=0, dtype=dt), Case("trace_loss", 512, 4096, axis=1, dtype=dt)]
     cases += whiten_grid(device)
     return cases
+
+
+GRIDS = {"quick": lambda device: quick_grid(), "tiny": lambda device: tiny_grid(), "whiten": whiten_grid,
+         "headline": headline_grid, "full": full_grid}
 
 
 # ------------------------------------------------------------------ one row
@@ -135,7 +148,7 @@ def measure(case: Case, provider: str, fwd, device: torch.device, opts, peaks: d
     _sync(device)
     row["first_call_s"] = round(time.perf_counter() - t0, 4)  # includes compilation for `compiled`
     if device.type == "cuda":
-        t = timing.time_gpu(fn, leaves)
+        t = timing.time_gpu(fn, leaves, warmup_ms=getattr(opts, "warmup_ms", 25), rep_ms=getattr(opts, "rep_ms", 100))
         if t.median_ms < opts.graph_below_ms:  # launch-bound: what a CUDA graph would give
             try:
                 row["graph_ms"] = timing.time_cuda_graph(calls, leaves).median_ms
@@ -246,7 +259,7 @@ def run_profile(cases, modes, provider_filter, device, opts, log=print) -> str:
                                  f"| {res['what']} | {res.get('trace', '-')} |")
                 except Exception as exc:
                     lines.append(f"| {c.label()} | {mode} | {provider} | - | - | error: {type(exc).__name__} | - |")
-                log(lines[-1])
+                log(f"  profiled {c.label()} {mode} {provider}")
     return "\n".join(lines)
 
 
@@ -263,6 +276,7 @@ def parse_args(argv=None):
     g.add_argument("--full", action="store_true", help="the issue's full grid (the default with a GPU)")
     g.add_argument("--whiten", action="store_true", help="whitening methods only (issue 7)")
     g.add_argument("--tiny", action="store_true", help="tiny shapes: the harness's own tests")
+    g.add_argument("--grid", choices=sorted(GRIDS), help="a grid by name (the flags above are shortcuts)")
     g.add_argument("--foundation", action="store_true", help="issue 2's CPU benchmark, reference vs literal")
     g.add_argument("--ops", help=f"comma list of ops to keep, of {','.join(P.OPS)}")
     g.add_argument("--providers", help=f"comma list of providers to keep, of {','.join(P.PROVIDERS + P.WHITEN_PROVIDERS)}")
@@ -276,6 +290,8 @@ def parse_args(argv=None):
                    help="CPU: torch threads (default 1: on a shared machine, OpenMP threads that wait for a "
                         "descheduled sibling make multi-threaded timings meaningless; peaks use the same count)")
     t.add_argument("--min-reps", type=int, default=5, help="CPU: fewest timed calls per row")
+    t.add_argument("--warmup-ms", type=int, default=25, help="GPU: do_bench warm-up")
+    t.add_argument("--rep-ms", type=int, default=100, help="GPU: do_bench measuring time per row")
     t.add_argument("--graph-below-ms", type=float, default=1.0,
                    help="GPU: rows faster than this also get a CUDA-graph replay time (launch-bound)")
     t.add_argument("--tf32", action="store_true", help="allow tf32 matmuls and use the tf32 peak for fp32 rows")
@@ -319,14 +335,9 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
     P.raise_dynamo_limits()
-    if args.tiny:
-        grid_name, cases = "tiny", tiny_grid()
-    elif args.whiten:
-        grid_name, cases = "whiten", whiten_grid(device)
-    elif args.full or (device.type == "cuda" and not args.quick):
-        grid_name, cases = "full", full_grid(device)
-    else:
-        grid_name, cases = "quick", quick_grid()
+    grid_name = args.grid or next((name for name in ("tiny", "whiten", "full", "quick") if getattr(args, name)),
+                                  "full" if device.type == "cuda" else "quick")
+    cases = GRIDS[grid_name](device)
     cases = select(cases, args)
     if args.target_s is None:
         args.target_s = {"quick": 0.2, "tiny": 0.01}.get(grid_name, 1.0)

@@ -74,6 +74,9 @@ def test_floor_is_the_larger_bound():
     assert roofline.floor_seconds(w, peaks, "fp32") == pytest.approx(2.0)       # compute bound
     assert roofline.floor_seconds(w, peaks, "fp32", tf32=True) == pytest.approx(1.0)
     assert roofline.floor_seconds(roofline.Work(1e9, 1e12), peaks, "bf16") == pytest.approx(10.0)  # memory bound
+    assert roofline.floor_seconds(w, peaks, "bf16") == pytest.approx(0.5)
+    slow_bf16 = {**peaks, "bf16": 0.5e12}  # a CPU without bf16 units: computing in fp32 is the floor
+    assert roofline.floor_seconds(w, slow_bf16, "bf16") == pytest.approx(2.0)
     assert roofline.floor_seconds(w, {"fp32": 1e12}, "fp32") is None
 
 
