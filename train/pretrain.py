@@ -1,0 +1,428 @@
+#!/usr/bin/env python
+"""INTL / INTL-M self-supervised pretraining ("Modulate Your Spectrum in Self-Supervised Learning",
+Weng et al., ICLR 2024) with intl_ops.intl_loss, on one CPU process or many GPUs under torchrun.
+
+    python train/pretrain.py                                     # the bundled digits demo (make train)
+    torchrun --nproc_per_node 8 train/pretrain.py --data /imagenet --arch resnet50 --ema 0.996 --multi-crop
+
+Flags left unset take per-dataset defaults (digits: small CNN, 40 epochs; ImageFolder: SPEC section 7,
+ResNet-50, 100 epochs); `--help` states them. The run folder holds run.json (args, versions, git SHA),
+log.jsonl, TensorBoard scalars, ckpt_*.pt, plots and summary.json. The last printed line is a JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # intl_ops from the repo root
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+import intl_ops
+from ssl_data import (DataError, DigitsViews, EpochSampler, FolderImages, FolderViews, SyntheticViews, TensorImages,
+                      check_image_folder, digits_normalize, load_digits_split)
+from ssl_models import (ARCHS, INTLNet, convert_sync_bn, embedding_effective_rank, extract_features, knn_accuracy,
+                        linear_probe_accuracy, shard_sampler)
+from ssl_run import (JsonLog, atomic_save, barrier, check_same_run, checkpoint_path, cleanup, init_distributed,
+                     prune_checkpoints, read_jsonl, resolve_resume, run_metadata)
+
+PROJECTOR = {"cnn": "512-512-512", "resnet18": "2048-2048-2048", "resnet50": "8192-8192-8192"}  # SPEC section 7
+BASE_LR = {"cnn": 0.3, "resnet18": 0.3, "resnet50": 0.5}
+WEIGHT_DECAY = {"cnn": 1e-5, "resnet18": 1e-4, "resnet50": 1e-5}
+# Flags that may change between a checkpoint and its resumption (everything else must match).
+RESUME_FREE = {"output_dir", "resume", "workers", "log_every", "eval_every", "ckpt_every_steps", "keep_checkpoints",
+               "compile", "device", "max_steps", "tensorboard", "crash_at_step", "nan_at_step", "knn_bank", "knn_queries"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["digits", "imagefolder", "synthetic"],
+                   help="default: imagefolder when --data is given, else digits (sklearn's 1797 8x8 images, no download)")
+    g.add_argument("--data", help="ImageFolder root with train/<class>/<img> and (for the kNN monitor) val/")
+    g.add_argument("--image-size", type=int, help="crop size: 8 for digits, 224 otherwise (32 for CIFAR-like data)")
+    g.add_argument("--multi-crop", action="store_true", help="SPEC's multi-crop: 2 crops of --image-size plus "
+                   "crops of 192, 160, 128, 96 scaled by --image-size/224 (area ranges shrink with the size)")
+    g.add_argument("--workers", type=int, help="DataLoader workers per process: 0 for digits, else 8")
+    g.add_argument("--synthetic-size", type=int, default=4096, help="samples of --dataset synthetic")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=ARCHS, help="cnn (small, digits default) or torchvision resnet18/resnet50 (default)")
+    g.add_argument("--small-stem", action=argparse.BooleanOptionalAction,
+                   help="ResNet CIFAR variant (3x3 stride-1 stem, no max-pool); default: on when --image-size <= 64")
+    g.add_argument("--projector", help="hidden-...-embedding sizes; default per SPEC section 7: " + str(PROJECTOR))
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on for CUDA")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    g = p.add_argument_group("objective (SPEC section 4)")
+    g.add_argument("--ema", type=float, default=0.0, help="INTL-M: EMA target encoder with base momentum m0 "
+                   "(0.996 on ImageNet), m_t = 1 - (1 - m0)(1 + cos(pi t/T))/2; 0 (default) = plain INTL")
+    g.add_argument("--iters", type=int, default=4, help="IterNorm Newton steps T")
+    g.add_argument("--axis", type=int, choices=[0, 1], default=0, help="0: whiten the samples (reference), 1: the features")
+    g.add_argument("--beta", type=float, help="trace-loss weight; default 0.01 (log2(n) - 3), n = global batch (axis 0) or d")
+    g.add_argument("--backend", default="auto", help="intl_ops backend: auto (fastest usable), reference, triton, cuda")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help="default: 40 for digits, 100 otherwise")
+    g.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch, split over the processes")
+    g.add_argument("--base-lr", type=float, help="lr = base-lr x batch-size / 256; default " + str(BASE_LR))
+    g.add_argument("--weight-decay", type=float, help="not applied to 1-D params; default " + str(WEIGHT_DECAY))
+    g.add_argument("--warmup-epochs", type=float, default=2.0, help="linear warm-up, then cosine to --final-lr x lr")
+    g.add_argument("--final-lr", type=float, default=0.001, help="final lr as a fraction of the peak lr")
+    g.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto", help="bf16 autocast; auto: on for CUDA")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", help="default: runs/<dataset>-<arch>-<intl|intlm>")
+    g.add_argument("--resume", default="auto", help="auto: newest good checkpoint of --output-dir (fresh if none); "
+                   "none: start over (old checkpoints there are deleted); or a checkpoint file")
+    g.add_argument("--ckpt-every-steps", type=int, default=0, help="also checkpoint every N steps (0: every epoch only)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
+    g.add_argument("--log-every", type=int, help="steps between log.jsonl / TensorBoard records: 1 for digits, else 10")
+    g.add_argument("--eval-every", type=int, default=10, help="epochs between kNN monitor runs (0: only at the end)")
+    g.add_argument("--knn-k", type=int, help="neighbours of the kNN monitor: 5 for digits, 20 otherwise")
+    g.add_argument("--knn-bank", type=int, default=20000, help="training images in the kNN bank (ImageFolder)")
+    g.add_argument("--knn-queries", type=int, default=10000, help="val images queried by the kNN monitor (ImageFolder)")
+    g.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps in total")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda")
+    g = p.add_argument_group("testing hooks")
+    g.add_argument("--crash-at-step", type=int, help="SIGKILL this process after step N (kill-and-resume tests)")
+    g.add_argument("--nan-at-step", type=int, help="make the loss of step N non-finite (failure-path tests)")
+    a = p.parse_args(argv)
+
+    a.dataset = a.dataset or ("imagefolder" if a.data else "digits")
+    digits = a.dataset == "digits"
+    if a.dataset == "imagefolder" and not a.data:
+        p.error("--dataset imagefolder needs --data ROOT (an ImageFolder root with train/ and val/)")
+    a.arch = a.arch or ("cnn" if digits else "resnet50")
+    a.image_size = (8 if digits else 224) if a.image_size is None else a.image_size
+    a.small_stem = a.image_size <= 64 if a.small_stem is None else a.small_stem
+    a.projector = a.projector or PROJECTOR[a.arch]
+    a.workers = (0 if digits else 8) if a.workers is None else a.workers
+    a.epochs = (40 if digits else 100) if a.epochs is None else a.epochs
+    a.base_lr = BASE_LR[a.arch] if a.base_lr is None else a.base_lr
+    a.weight_decay = WEIGHT_DECAY[a.arch] if a.weight_decay is None else a.weight_decay
+    a.knn_k = (5 if digits else 20) if a.knn_k is None else a.knn_k
+    a.log_every = (1 if digits else 10) if a.log_every is None else a.log_every
+    s = a.image_size
+    a.crops = [s, s] + ([round(s * c / 224) for c in (192, 160, 128, 96)] if a.multi_crop else [])
+    a.output_dir = a.output_dir or os.path.join("runs", f"{a.dataset}-{a.arch}-{'intlm' if a.ema else 'intl'}")
+    problems = [
+        (digits and (s != 8 or a.multi_crop), "--dataset digits works on its 8x8 images: no --image-size or --multi-crop"),
+        (not all(x.isdigit() and int(x) > 0 for x in a.projector.split("-")),
+         f"--projector must be sizes joined by '-', e.g. 2048-2048-2048, got {a.projector!r}"),
+        (min(a.crops) < 4, f"--image-size {s} is too small (crops down to {min(a.crops)} px)"),
+        (a.epochs < 1 or a.batch_size < 2, "--epochs must be >= 1 and --batch-size >= 2"),
+        (a.knn_k < 1 or a.log_every < 1 or a.ckpt_every_steps < 0 or a.keep_checkpoints < 1 or a.eval_every < 0,
+         "--knn-k, --log-every and --keep-checkpoints must be >= 1, --ckpt-every-steps and --eval-every >= 0"),
+        (not 0 <= a.ema < 1, f"--ema must be in [0, 1) (0 = plain INTL), got {a.ema}"),
+        (a.iters < 0, f"--iters must be >= 0, got {a.iters}"),
+        (a.base_lr <= 0 or a.weight_decay < 0 or a.warmup_epochs < 0, "--base-lr must be > 0, --weight-decay and --warmup-epochs >= 0"),
+        (a.resume not in ("auto", "none") and not os.path.isfile(a.resume), f"--resume {a.resume!r}: not auto, none or a checkpoint file"),
+    ]
+    for bad, msg in problems:
+        if bad:
+            p.error(msg)
+    return a
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    d = init_distributed(args.device)
+    try:
+        return pretrain(args, d)
+    finally:
+        cleanup(d)
+
+
+def pretrain(args, d) -> dict:
+    t_start = time.time()
+    if args.batch_size % d.world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {d.world} processes")
+    local_bs, cuda = args.batch_size // d.world, d.device.type == "cuda"
+    amp = args.amp == "bf16" or (args.amp == "auto" and cuda)
+    channels_last = cuda if args.channels_last is None else args.channels_last
+
+    # Data: a sampler whose global batches do not depend on the number of processes.
+    train_set, bank_set, query_set, in_channels = build_datasets(args)
+    sampler = EpochSampler(train_set, d.world, d.rank, args.seed)
+    loader = DataLoader(train_set, batch_size=local_bs, sampler=sampler, num_workers=args.workers, pin_memory=cuda,
+                        persistent_workers=args.workers > 0, drop_last=True)
+    steps_per_epoch = sampler.num_samples // local_bs
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(train_set)} training samples give no full batch of {args.batch_size}: lower --batch-size")
+    total_steps = args.epochs * steps_per_epoch
+    peak_lr = args.base_lr * args.batch_size / 256
+
+    # Model: backbone + projector (+ its EMA copy for INTL-M); global-batch BN across processes.
+    torch.manual_seed(args.seed)
+    net = INTLNet(args.arch, args.projector, in_channels, args.small_stem)
+    ema = copy.deepcopy(net).requires_grad_(False) if args.ema else None
+    if d.world > 1:
+        net = convert_sync_bn(net, d.device)
+        ema = convert_sync_bn(ema, d.device) if ema is not None else None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(d.device, memory_format=fmt)
+    ema = ema.to(d.device, memory_format=fmt) if ema is not None else None
+    decay, no_decay = [], []
+    for prm in net.parameters():  # SPEC: no weight decay on 1-D parameters (biases, BN)
+        (no_decay if prm.ndim <= 1 else decay).append(prm)
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr, momentum=0.9)
+
+    # Resume (or start over), then the run folder's metadata and logs.
+    state, resumed_from = resolve_resume(args.resume, args.output_dir, ("net", "optimizer", "step"))
+    step, train_seconds = 0, 0.0
+    if state is not None:
+        check_same_run(state["args"], vars(args), RESUME_FREE, resumed_from)
+        net.load_state_dict(state["net"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, train_seconds = state["step"], state["train_seconds"]
+    if d.main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.resume == "none":
+            prune_checkpoints(args.output_dir, 0)
+        with open(os.path.join(args.output_dir, "run.json"), "w") as f:
+            json.dump({**run_metadata(vars(args), d), "resumed_from": resumed_from, "start_step": step}, f, indent=1)
+        print(f"{args.dataset} {args.arch}: {len(train_set)} images, {steps_per_epoch} steps/epoch x {args.epochs}, "
+              f"global batch {args.batch_size} on {d.world} x {d.device}, peak lr {peak_lr:g}, "
+              f"{'INTL-M' if args.ema else 'INTL'} with crops {args.crops}, backend "
+              f"{intl_ops.backends.resolve(args.backend, d.device)}" + (f"; resumed from {resumed_from}" if resumed_from else ""),
+              file=sys.stderr)
+    barrier(d)
+    log = JsonLog(os.path.join(args.output_dir, "log.jsonl") if d.main else None)
+    tb = open_tensorboard(args) if d.main else None
+    if args.compile:
+        net.compile()
+    model = DistributedDataParallel(net, device_ids=[d.device.index] if cuda else None, broadcast_buffers=False) \
+        if d.world > 1 else net
+
+    def save(tag: str) -> None:
+        if d.main:
+            atomic_save({"net": net.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                         "optimizer": optimizer.state_dict(), "step": step, "epoch": step / steps_per_epoch,
+                         "train_seconds": train_seconds + time.time() - t_loop, "args": vars(args), "tag": tag},
+                        checkpoint_path(args.output_dir, step))
+            prune_checkpoints(args.output_dir, args.keep_checkpoints)
+        barrier(d)
+
+    # The loop: one global batch per step, a checkpoint every epoch (and every N steps).
+    t_loop, last_step = time.time(), min(total_steps, args.max_steps or total_steps)
+    while step < last_step:
+        epoch, done = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, skip=done * local_bs)
+        bar = progress(d, total=steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{args.epochs}")
+        t_window, n_window, t_epoch, first = time.time(), 0, time.time(), step
+        for crops, _ in loader:
+            lr = set_lr(optimizer, step, peak_lr, args.final_lr * peak_lr, args.warmup_epochs * steps_per_epoch, total_steps)
+            crops = [c.to(d.device, non_blocking=True, memory_format=fmt) for c in crops]
+            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=amp):
+                target = None
+                if ema is not None:  # INTL-M: crop 0 through the EMA encoder, the other crops online
+                    with torch.no_grad():
+                        target = ema(crops[:1])[0]
+                views = model(crops[1:] if ema is not None else crops)
+            loss, parts = intl_ops.intl_loss(views, args.iters, args.axis, args.beta, target=target, backend=args.backend,
+                                             process_group=d.group, return_parts=True)
+            if step + 1 == args.nan_at_step:
+                loss = loss * float("nan")
+            loss_value = loss.item()  # the loss is replicated: every rank stops together
+            if not math.isfinite(loss_value):
+                last = resolve_resume("auto", args.output_dir, ("net", "optimizer", "step"))[1] if d.main else None
+                raise FloatingPointError(f"non-finite loss ({loss_value}) at step {step + 1} (epoch {epoch + 1}); "
+                                         f"nothing was updated and the last good checkpoint is kept: {last}. "
+                                         f"Lower --base-lr or check the data, then rerun with --resume auto")
+            # intl_loss gives each rank the gradient of its own samples of the global loss; DDP averages
+            # over ranks, so scale by the world size to get the single-process gradient.
+            optimizer.zero_grad(set_to_none=True)
+            (loss * d.world).backward()
+            optimizer.step()
+            step, n_window = step + 1, n_window + 1
+            momentum = ema_update(ema, net, args.ema, step, total_steps) if ema is not None else None
+            if d.main:
+                ips = n_window * args.batch_size / max(time.time() - t_window, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
+                if step % args.log_every == 0 or step == last_step:
+                    record = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_value,
+                                  align=parts["align"].item(), trace=parts["trace"].item(), beta=parts["beta"], lr=lr,
+                                  images_per_s=ips, eff_rank=embedding_effective_rank(views[0]), ema_momentum=momentum)
+                    log.write(**record)
+                    tb_write(tb, record, step)
+                    t_window, n_window = time.time(), 0
+            if args.ckpt_every_steps and step % args.ckpt_every_steps == 0 and step % steps_per_epoch:
+                save("steps")
+            if step == args.crash_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if step == last_step:
+                break
+        if d.main:
+            bar.close()
+            if bar.disable:  # no live bar (not a terminal): one line per epoch instead
+                print(f"epoch {epoch + 1}/{args.epochs}: loss {loss_value:.4f}, lr {lr:.3g}, "
+                      f"{(step - first) * args.batch_size / (time.time() - t_epoch):.0f} images/s", file=sys.stderr)
+        save("epoch" if step % steps_per_epoch == 0 else "stop")
+        epoch_done = step // steps_per_epoch
+        if args.eval_every and epoch_done % args.eval_every == 0 and step % steps_per_epoch == 0 and step < total_steps:
+            acc = knn_monitor(net.backbone, bank_set, query_set, args, d, channels_last)
+            if d.main and acc is not None:
+                log.write(step=step, epoch=epoch_done, knn_acc=acc)
+                tb_write(tb, {"knn_acc": acc}, step)
+                print(f"epoch {epoch_done}: {args.knn_k}-NN accuracy {acc:.4f}", file=sys.stderr)
+    train_seconds += time.time() - t_loop
+
+    # Final evaluation (and, on digits, the same architecture at random init for comparison).
+    summary = {"dataset": args.dataset, "arch": args.arch, "objective": "INTL-M" if args.ema else "INTL",
+               "steps": step, "epochs": round(step / steps_per_epoch, 3), "world_size": d.world}
+    summary["knn_acc"] = knn_monitor(net.backbone, bank_set, query_set, args, d, channels_last)
+    if args.dataset == "digits" and d.main:
+        summary.update(digits_report(net, args, in_channels, d))
+    records = read_jsonl(os.path.join(args.output_dir, "log.jsonl")) if d.main else []
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    summary.update(final_loss=losses.get(step), train_seconds=round(train_seconds, 2),
+                   seconds=round(time.time() - t_start, 2), output_dir=args.output_dir)
+    if d.main:
+        plot_loss(losses, os.path.join(args.output_dir, "loss.png"), args)
+        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        log.close()
+        if tb is not None:
+            tb.close()
+        print(json.dumps(summary), flush=True)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def build_datasets(args):
+    """(train views, kNN bank images, kNN query images, input channels); bank/query None if unavailable."""
+    if args.dataset == "digits":
+        x_tr, y_tr, x_te, y_te = load_digits_split(args.seed)
+        return (DigitsViews(x_tr, y_tr, len(args.crops), args.seed), TensorImages(digits_normalize(x_tr), y_tr),
+                TensorImages(digits_normalize(x_te), y_te), 1)
+    if args.dataset == "synthetic":
+        return SyntheticViews(args.synthetic_size, args.crops, 3, args.seed), None, None, 3
+    train = FolderViews(args.data, "train", args.crops, args.seed, args.image_size)
+    if not os.path.isdir(os.path.join(args.data, "val")):
+        print(f"warning: {args.data}/val missing: no kNN monitor", file=sys.stderr)
+        return train, None, None, 3
+    check_image_folder(args.data, "val")
+    return (train, FolderImages(args.data, "train", args.image_size, args.knn_bank, args.seed),
+            FolderImages(args.data, "val", args.image_size, args.knn_queries, args.seed), 3)
+
+
+def set_lr(optimizer, step: int, peak: float, final: float, warmup_steps: float, total_steps: int) -> float:
+    """Linear warm-up to peak, then cosine from peak to final (SPEC section 7)."""
+    if step < warmup_steps:
+        lr = peak * (step + 1) / warmup_steps
+    else:
+        q = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        lr = final + (peak - final) * 0.5 * (1 + math.cos(math.pi * q))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@torch.no_grad()
+def ema_update(ema, net, m0: float, step: int, total_steps: int) -> float:
+    """EMA target update with SPEC's momentum m_t = 1 - (1 - m0)(1 + cos(pi t / T)) / 2 (m0 -> 1)."""
+    m = 1 - (1 - m0) * (1 + math.cos(math.pi * step / total_steps)) / 2
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - m)
+    for be, b in zip(ema.buffers(), net.buffers()):  # BN running statistics: copied
+        be.copy_(b)
+    return m
+
+
+def knn_monitor(backbone, bank_set, query_set, args, d, channels_last: bool):
+    """k-NN accuracy of the backbone's features, query (held-out) images vs bank (training) images."""
+    if bank_set is None:
+        return None
+    cuda = d.device.type == "cuda"
+
+    def loader(ds):
+        return DataLoader(ds, batch_size=256, sampler=shard_sampler(ds), num_workers=args.workers, pin_memory=cuda)
+
+    bank_f, bank_y = extract_features(backbone, loader(bank_set), d.device, channels_last)
+    query_f, query_y = extract_features(backbone, loader(query_set), d.device, channels_last)
+    return knn_accuracy(bank_f, bank_y, query_f, query_y, args.knn_k)
+
+
+def digits_report(net, args, in_channels: int, d) -> dict:
+    """kNN and linear-probe accuracy of the trained encoder and of the same architecture at random
+    init, on the held-out digits, plus the spectra of their features (PNG next to the run)."""
+    x_tr, y_tr, x_te, y_te = load_digits_split(args.seed)
+    torch.manual_seed(args.seed)  # the very initial weights of this run
+    random_net = INTLNet(args.arch, args.projector, in_channels, args.small_stem).to(d.device)
+    out, spectra = {}, {}
+    for name, model in (("", net), ("random_init_", random_net)):
+        model.eval()
+        with torch.no_grad():
+            f_tr = model.backbone(digits_normalize(x_tr).to(d.device)).float().cpu()
+            f_te = model.backbone(digits_normalize(x_te).to(d.device)).float().cpu()
+        model.train()
+        out[name + "knn_acc"] = knn_accuracy(f_tr, y_tr, f_te, y_te, args.knn_k)
+        out[name + "linear_acc"] = linear_probe_accuracy(f_tr, y_tr, f_te, y_te)
+        out[name + "eff_rank"] = round(float(intl_ops.effective_rank(f_te, axis=1)), 2)
+        spectra[("INTL encoder" if not name else "random-init encoder") + f" (eff. rank {out[name + 'eff_rank']})"] = \
+            intl_ops.spectrum(f_te, axis=1)
+    intl_ops.plot_spectra(spectra, os.path.join(args.output_dir, "spectrum.png"),
+                          title=f"digits held-out features: {args.arch} encoder, eigenvalues of the covariance")
+    return out
+
+
+def progress(d, **kw):
+    from tqdm import tqdm
+
+    # A live bar in a terminal; in a log file (CI, batch jobs) tqdm's redraws would be noise.
+    return tqdm(disable=not d.main or not sys.stderr.isatty(), dynamic_ncols=True, leave=False, file=sys.stderr, **kw)
+
+
+def open_tensorboard(args):
+    if not args.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        print(f"warning: no TensorBoard logging ({e})", file=sys.stderr)
+        return None
+    return SummaryWriter(os.path.join(args.output_dir, "tb"))
+
+
+def tb_write(tb, record: dict, step: int) -> None:
+    if tb is not None:
+        for k, v in record.items():
+            if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                tb.add_scalar(f"train/{k}" if k != "knn_acc" else "eval/knn_acc", v, step)
+
+
+def plot_loss(losses: dict, path: str, args) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not losses:
+        return
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    steps = sorted(losses)
+    ax.plot(steps, [losses[s] for s in steps], linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("INTL-M loss" if args.ema else "INTL loss")
+    ax.set_title(f"{args.dataset} {args.arch}, global batch {args.batch_size}")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

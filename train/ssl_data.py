@@ -1,0 +1,226 @@
+"""Data for train/pretrain.py and train/linear_eval.py: the bundled digits, any ImageFolder, synthetic.
+
+Every sample's augmentation is seeded by (seed, epoch, index), and the sampler yields (index, epoch)
+pairs, so the crops of a sample do not depend on the world size, the number of workers or the
+point a run was resumed from: a 2-process run sees exactly the global batches of a 1-process run.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, DistributedSampler
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DIGITS_MEAN, DIGITS_STD = 0.30, 0.38  # of load_digits / 16 (pixel values 0..16)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """A data folder or file that cannot be used, with a message that says which and why."""
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2 ** 63)
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler (shuffle, drop_last) that yields (index, epoch) and can skip the first
+    `skip` samples of this rank's share (mid-epoch resume). Global batch b is the slice
+    perm[b*B:(b+1)*B] of one permutation seeded by (seed, epoch), for any number of ranks."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        return ((i, self.epoch) for i in itertools.islice(super().__iter__(), self.skip, None))
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+# ------------------------------------------------------------------ digits (sklearn, 8x8, no download)
+def load_digits_split(seed: int = 0, test_fraction: float = 0.3):
+    """(x_train, y_train, x_test, y_test): (N, 1, 8, 8) float images in [0, 1], stratified held-out split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(digits.target.astype(np.int64))
+    i_tr, i_te = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=digits.target)
+    return x[i_tr], y[i_tr], x[i_te], y[i_te]
+
+
+def digits_normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - DIGITS_MEAN) / DIGITS_STD
+
+
+def digits_augment(img: torch.Tensor, n_views: int, g: torch.Generator) -> list[torch.Tensor]:
+    """Views of one (1, 8, 8) digit: a random resized crop (area 0.5-1, aspect 3/4-4/3) with a small
+    rotation (+-15 deg) as one affine resampling (zero background, like the digits'), then pixel noise."""
+    area = 0.5 + 0.5 * torch.rand(n_views, generator=g)
+    aspect = torch.exp((torch.rand(n_views, generator=g) - 0.5) * 2 * math.log(4 / 3))
+    sx, sy = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
+    cx, cy = (1 - sx) * (2 * torch.rand(n_views, generator=g) - 1), (1 - sy) * (2 * torch.rand(n_views, generator=g) - 1)
+    angle = (torch.rand(n_views, generator=g) - 0.5) * (math.pi / 6)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # output grid coords (x, y) in [-1, 1] -> input coords: rotate, scale to the crop, shift to its centre
+    theta = torch.stack([torch.stack([sx * cos, -sx * sin, cx], -1), torch.stack([sy * sin, sy * cos, cy], -1)], 1)
+    grid = F.affine_grid(theta, [n_views, *img.shape], align_corners=False)
+    views = F.grid_sample(img.expand(n_views, *img.shape), grid, align_corners=False)
+    views = (views + 0.1 * torch.randn(views.shape, generator=g)).clamp(0, 1)
+    return [digits_normalize(v) for v in views]
+
+
+class DigitsViews(Dataset):
+    """Digits images -> (list of n_views augmented crops, label); items are (index, epoch) pairs."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, n_views: int, seed: int):
+        self.images, self.labels, self.n_views, self.seed = images, labels, n_views, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, epoch = item
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        return digits_augment(self.images[index], self.n_views, g), self.labels[index]
+
+
+# ------------------------------------------------------------------ ImageFolder (ImageNet layout)
+def check_image_folder(root: str, split: str) -> str:
+    """root/split as a usable ImageFolder path, or a DataError that names the folder and the problem."""
+    if not os.path.isdir(root):
+        raise DataError(f"--data {root!r} does not exist or is not a folder (expected an ImageFolder root with train/ and val/)")
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise DataError(f"--data {root!r} has no {split}/ folder (expected {root}/{split}/<class>/<image>)")
+    classes = [c for c in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, c))]
+    if not classes:
+        raise DataError(f"{path!r} is empty: expected one sub-folder of images per class, found none")
+    for c in classes:  # cheap check of the first file only; every file is checked when read
+        for _, _, files in os.walk(os.path.join(path, c)):
+            if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+                break
+        else:
+            raise DataError(f"class folder {os.path.join(path, c)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return path
+
+
+def load_rgb(path: str):
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # PIL raises several types; all mean the same thing here
+        raise DataError(f"unreadable image {path!r}: {type(e).__name__}: {e}") from e
+
+
+def crop_scales(sizes: list[int], base: int) -> list[tuple[float, float]]:
+    """Area range of each crop: (0.2, 1) for full-size crops, shrunk in proportion to size / base for
+    smaller multi-crops (SPEC only fixes 0.2-1 for the 224 crops; this proportional rule is ours)."""
+    return [(0.2 * min(1.0, s / base), min(1.0, s / base)) for s in sizes]
+
+
+def ssl_transform(size: int, scale: tuple[float, float], blur_p: float = 0.5, solarize_p: float = 0.1):
+    """One SPEC section 7 crop: RandomResizedCrop, flip, ColorJitter p 0.8, grayscale p 0.2,
+    Gaussian blur p 0.5 (kernel ~10% of the crop), solarisation p 0.1, then normalise."""
+    from torchvision.transforms import v2
+
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(size, scale=scale, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
+        v2.RandomSolarize(threshold=128, p=solarize_p),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def eval_transform(size: int):
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.Resize(int(round(size * 256 / 224)), antialias=True), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class FolderViews(Dataset):
+    """ImageFolder images -> (list of crops, label); items are (index, epoch) pairs, so each sample's
+    crops are drawn from a generator seeded by (seed, epoch, index), in any worker."""
+
+    def __init__(self, root: str, split: str, sizes: list[int], seed: int, base_size: int):
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(check_image_folder(root, split), loader=load_rgb)
+        self.transforms = [ssl_transform(s, sc) for s, sc in zip(sizes, crop_scales(sizes, base_size))]
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, item):
+        index, epoch = item
+        path, label = self.folder.samples[index]
+        img = load_rgb(path)
+        with torch.random.fork_rng(devices=[]):  # v2 transforms draw from torch's global generator
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return [t(img) for t in self.transforms], label
+
+
+class FolderImages(Dataset):
+    """Plain evaluation images (resize, centre crop) and labels of root/split; optionally a fixed subset."""
+
+    def __init__(self, root: str, split: str, size: int, limit: int | None = None, seed: int = 0):
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(check_image_folder(root, split), loader=load_rgb, transform=eval_transform(size))
+        n = len(self.folder)
+        self.indices = list(range(n))
+        if limit is not None and limit < n:  # a fixed random subset keeps the kNN monitor cheap
+            self.indices = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.folder[self.indices[i]]
+
+
+class SyntheticViews(Dataset):
+    """Random images (pipeline and throughput checks without data): crops of the given sizes."""
+
+    def __init__(self, n: int, sizes: list[int], channels: int, seed: int, n_classes: int = 10):
+        self.n, self.sizes, self.channels, self.seed, self.n_classes = n, sizes, channels, seed, n_classes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, item):
+        index, epoch = item
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        return [torch.randn(self.channels, s, s, generator=g) for s in self.sizes], index % self.n_classes
+
+
+class TensorImages(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
