@@ -38,14 +38,18 @@ def plot(rows: Sequence[dict], path: Path, mode: str = "full") -> Path | None:
     ax1.set_title(f"{mode}: speedup over eager (whiten: over zca)")
     ax1.legend(fontsize=7)
 
-    series = defaultdict(list)
+    series = defaultdict(dict)  # one line per everything-but-C: (op, K, T, axis, N, provider, dtype)
     for r in sel:
-        C = r["m"] if r["axis"] == 0 else r["d"]
-        series[(r["op"], r["provider"], r["dtype"], r["axis"])].append((C, r["median_ms"]))
-    for (op, p, dt, axis), pts in sorted(series.items()):
-        pts = sorted(set(pts))
+        C, N = (r["m"], r["d"]) if r["axis"] == 0 else (r["d"], r["m"])
+        key = (r["op"], r["k"], r["iters"], r["axis"], N, r["provider"], r["dtype"])
+        series[key][C] = r["median_ms"]
+    for (op, k, T, axis, N, p, dt), pts in sorted(series.items()):
         if len(pts) >= 2:
-            ax2.plot([c for c, _ in pts], [t for _, t in pts], marker="o", label=f"{op} ax{axis} {p} {dt}")
+            cs = sorted(pts)
+            views = f" K={k}" if op == "intl_loss" else ""
+            ax2.plot(cs, [pts[c] for c in cs], marker="o", label=f"{op}{views} ax{axis} N={N} T{T} {p} {dt}")
+    if not ax2.lines:
+        ax2.text(0.5, 0.5, "no size sweep in this grid", ha="center", va="center", transform=ax2.transAxes)
     ax2.set_xscale("log", base=2)
     ax2.set_yscale("log")
     ax2.set_xlabel("C (variables whitened: m for axis=0, d for axis=1)")
