@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train")
 sys.path.insert(0, TRAIN)
 
+import bench_step  # noqa: E402
 import intl_ops  # noqa: E402
 import linear_eval  # noqa: E402
 import pretrain  # noqa: E402
@@ -287,3 +288,14 @@ def test_semi_supervised_finetune(digits_run, tmp_path):
     s = linear_eval.main(["--pretrained", str(out), "--mode", "finetune", "--train-percent", "10", "--epochs", "2",
                           "--lr-backbone", "0.05", "--batch-size", "32", "--output-dir", str(tmp_path)])
     assert s["train_images"] == pytest.approx(126, abs=10) and 0 <= s["top1"] <= 1
+
+
+def test_bench_step_smoke(tmp_path):
+    """The GPU throughput script (issue 6's figure) runs end to end; CPU timings here mean nothing."""
+    r = bench_step.main(["--device", "cpu", "--arch", "cnn", "--image-size", "12", "--batch-size", "16", "--projector",
+                         "32-32", "--steps", "1", "--warmup", "1", "--losses", "reference", "literal", "--ema", "0.99",
+                         "--crops", "3", "--out", str(tmp_path / "step.json")])
+    assert json.loads((tmp_path / "step.json").read_text()) == r
+    for name in ("reference", "literal"):
+        row = r["results"][name]
+        assert row["images_per_s"] > 0 and 0 < row["loss_head_share"], row

@@ -223,14 +223,7 @@ def pretrain(args, d) -> dict:
         for crops, _ in loader:
             lr = set_lr(optimizer, step, peak_lr, args.final_lr * peak_lr, args.warmup_epochs * steps_per_epoch, total_steps)
             crops = [c.to(d.device, non_blocking=True, memory_format=fmt) for c in crops]
-            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=amp):
-                target = None
-                if ema is not None:  # INTL-M: crop 0 through the EMA encoder, the other crops online
-                    with torch.no_grad():
-                        target = ema(crops[:1])[0]
-                views = model(crops[1:] if ema is not None else crops)
-            loss, parts = intl_ops.intl_loss(views, args.iters, args.axis, args.beta, target=target, backend=args.backend,
-                                             process_group=d.group, return_parts=True)
+            loss, parts, views = forward_loss(model, ema, crops, args, amp, d.group)
             if step + 1 == args.nan_at_step:
                 loss = loss * float("nan")
             loss_value = loss.item()  # the loss is replicated: every rank stops together
@@ -315,6 +308,21 @@ def build_datasets(args):
     check_image_folder(args.data, "val")
     return (train, FolderImages(args.data, "train", args.image_size, args.knn_bank, args.seed),
             FolderImages(args.data, "val", args.image_size, args.knn_queries, args.seed), 3)
+
+
+def forward_loss(model, ema, crops, args, amp: bool, group, loss_fn=intl_ops.intl_loss):
+    """(loss, parts, views) of one batch of crops: INTL on all crops, or INTL-M (crop 0 through the EMA
+    encoder without gradient as the target, the other crops through the online network). The network
+    runs under bf16 autocast when amp; the loss op computes in fp32 inside whatever it is given."""
+    with torch.autocast(crops[0].device.type, dtype=torch.bfloat16, enabled=amp):
+        target = None
+        if ema is not None:
+            with torch.no_grad():
+                target = ema(crops[:1])[0]
+        views = model(crops[1:] if ema is not None else crops)
+    loss, parts = loss_fn(views, args.iters, args.axis, args.beta, target=target, backend=args.backend,
+                          process_group=group, return_parts=True)
+    return loss, parts, views
 
 
 def set_lr(optimizer, step: int, peak: float, final: float, warmup_steps: float, total_steps: int) -> float:

@@ -42,8 +42,9 @@ def init_distributed(device: str = "auto") -> Dist:
         raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        dev = torch.device("cuda", local_rank if world > 1 or device == "auto" else torch.device(device).index or 0)
+    if use_cuda:  # one GPU per process: LOCAL_RANK under torchrun, else the one named (cuda:N) or 0
+        index = local_rank if world > 1 else (torch.device(device).index or 0) if device != "auto" else 0
+        dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
