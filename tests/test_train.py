@@ -127,6 +127,10 @@ def test_folder_intlm_multicrop(folder, tmp_path):
     # INTL-M: only the online trace term enters the loss
     assert all(np.isfinite(r["loss"]) and r["loss"] == pytest.approx(r["align"] + r["beta"] * r["trace"], rel=1e-5)
                for r in records)
+    # linear evaluation of that ResNet on the same ImageFolder (train/ and val/)
+    e = linear_eval.main(["--pretrained", str(tmp_path), "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                          "--output-dir", str(tmp_path / "lin")])
+    assert e["train_images"] == 16 and 0 <= e["top1"] <= e["top5"] == 1.0  # 2 classes: top-5 is everything
 
 
 def test_synthetic_intl_plain(tmp_path):
@@ -185,6 +189,9 @@ def test_kill_and_resume_reproduces_the_run(tmp_path):
     resumed = last_json(run_script([*flags, "--output-dir", str(killed)]).stdout)
     assert resumed["steps"] == 18
     assert_same_state(load_ckpt(straight), load_ckpt(killed), rtol=0, atol=0)
+    log_a, log_b = ((d / "log.jsonl").read_text().splitlines() for d in (straight, killed))
+    assert [json.loads(x)["step"] for x in log_b] == [json.loads(x)["step"] for x in log_a]  # no duplicates
+    assert [json.loads(x)["loss"] for x in log_b] == [json.loads(x)["loss"] for x in log_a]
 
 
 def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path):

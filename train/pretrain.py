@@ -196,9 +196,14 @@ def pretrain(args, d) -> dict:
               f"{'INTL-M' if args.ema else 'INTL'} with crops {args.crops}, backend "
               f"{intl_ops.backends.resolve(args.backend, d.device)}" + (f"; resumed from {resumed_from}" if resumed_from else ""),
               file=sys.stderr)
+        # The logs restart where the weights do: records of steps after the checkpoint (redone now) go.
+        log_path = os.path.join(args.output_dir, "log.jsonl")
+        kept = [r for r in read_jsonl(log_path) if r.get("step", 0) <= step]
+        with open(log_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
     barrier(d)
     log = JsonLog(os.path.join(args.output_dir, "log.jsonl") if d.main else None)
-    tb = open_tensorboard(args) if d.main else None
+    tb = open_tensorboard(args, step) if d.main else None
     if args.compile:
         net.compile()
     model = DistributedDataParallel(net, device_ids=[d.device.index] if cuda else None, broadcast_buffers=False) \
@@ -280,7 +285,7 @@ def pretrain(args, d) -> dict:
     records = read_jsonl(os.path.join(args.output_dir, "log.jsonl")) if d.main else []
     losses = {r["step"]: r["loss"] for r in records if "loss" in r}
     summary.update(final_loss=losses.get(step), train_seconds=round(train_seconds, 2),
-                   seconds=round(time.time() - t_start, 2), output_dir=args.output_dir)
+                   seconds=round(time.time() - t_start, 2), output_dir=args.output_dir, resumed_from=resumed_from)
     if d.main:
         plot_loss(losses, os.path.join(args.output_dir, "loss.png"), args)
         with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
@@ -391,7 +396,7 @@ def progress(d, **kw):
     return tqdm(disable=not d.main or not sys.stderr.isatty(), dynamic_ncols=True, leave=False, file=sys.stderr, **kw)
 
 
-def open_tensorboard(args):
+def open_tensorboard(args, step: int):
     if not args.tensorboard:
         return None
     try:
@@ -399,7 +404,7 @@ def open_tensorboard(args):
     except ImportError as e:
         print(f"warning: no TensorBoard logging ({e})", file=sys.stderr)
         return None
-    return SummaryWriter(os.path.join(args.output_dir, "tb"))
+    return SummaryWriter(os.path.join(args.output_dir, "tb"), purge_step=step)  # drops events of redone steps
 
 
 def tb_write(tb, record: dict, step: int) -> None:
