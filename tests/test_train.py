@@ -86,9 +86,9 @@ def test_digits_one_epoch(digits_run):
 
 
 def test_digits_demo_defaults():
-    """`make train` runs the defaults: 40 epochs of the small CNN on the digits (checked, not run, here)."""
+    """`make train` runs the defaults: 40 epochs of the small CNN on the digits, batch 128 (checked, not run, here)."""
     a = pretrain.parse_args([])
-    assert (a.dataset, a.arch, a.epochs, a.batch_size, a.crops, a.ema) == ("digits", "cnn", 40, 256, [8, 8], 0.0)
+    assert (a.dataset, a.arch, a.epochs, a.batch_size, a.crops, a.ema) == ("digits", "cnn", 40, 128, [8, 8], 0.0)
 
 
 # ------------------------------------------------------------------ ImageFolder: INTL-M, multi-crop, workers

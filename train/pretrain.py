@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--backend", default="auto", help="intl_ops backend: auto (fastest usable), reference, triton, cuda")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="default: 40 for digits, 100 otherwise")
-    g.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch, split over the processes")
+    g.add_argument("--batch-size", type=int, help="GLOBAL batch, split over the processes: 128 for digits, else 256")
     g.add_argument("--base-lr", type=float, help="lr = base-lr x batch-size / 256; default " + str(BASE_LR))
     g.add_argument("--weight-decay", type=float, help="not applied to 1-D params; default " + str(WEIGHT_DECAY))
     g.add_argument("--warmup-epochs", type=float, default=2.0, help="linear warm-up, then cosine to --final-lr x lr")
@@ -105,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.projector = a.projector or PROJECTOR[a.arch]
     a.workers = (0 if digits else 8) if a.workers is None else a.workers
     a.epochs = (40 if digits else 100) if a.epochs is None else a.epochs
+    a.batch_size = (128 if digits else 256) if a.batch_size is None else a.batch_size
     a.base_lr = BASE_LR[a.arch] if a.base_lr is None else a.base_lr
     a.weight_decay = WEIGHT_DECAY[a.arch] if a.weight_decay is None else a.weight_decay
     a.knn_k = (5 if digits else 20) if a.knn_k is None else a.knn_k
