@@ -156,6 +156,9 @@ def test_two_processes_equal_one(tmp_path):
     s1, s2 = load_ckpt(one), load_ckpt(two)
     assert s1["step"] == s2["step"] == 3
     assert_same_state(s1, s2, rtol=1e-4, atol=1e-5)
+    # the kNN monitor's sharded feature extraction (gathered and re-ordered over 2 ranks) sees the same images
+    sum1, sum2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert sum2["world_size"] == 2 and sum1["knn_acc"] == pytest.approx(sum2["knn_acc"], abs=2 / 540)
 
 
 def test_global_batchnorm_single_process_is_batchnorm():
