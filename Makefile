@@ -4,7 +4,7 @@ VENV    := .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv train test test-fast bench clean
+.PHONY: venv train test bench clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -17,7 +17,9 @@ $(STAMP): requirements.txt pyproject.toml
 train: venv
 	$(PYTHON) train/pretrain.py --dataset digits
 
+# Builds and checks the CUDA extension (cached under build/; skipped without nvcc), then every test.
 test: venv
+	$(PYTHON) csrc/cuda_check.py
 	$(PYTHON) -m pytest -q
 
 bench: venv

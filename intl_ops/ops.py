@@ -61,6 +61,7 @@ def _iternorm_setup(ctx, inputs, output):
     ctx.save_for_backward(y, x, mean, S, tr, Ps, Pp, v)
     ctx.cfg = (iters, axis, backend)
     ctx.mark_non_differentiable(mean, S, tr, Ps, Pp)
+    ctx.set_materialize_grads(False)  # no zero-filled C x C gradients for the saved outputs
 
 
 def _iternorm_backward(ctx, gy, gmean, gS, gtr, gPs, gPp, gv):

@@ -92,10 +92,13 @@ def iternorm_fwd(x: Tensor, iters: int, axis: int) -> IterNormSaved:
         P = _gemm_(Ps[..., k, :, :].copy_(P), P3, S, beta=1.5, alpha=-0.5)
 
     W = P * inv_sqrt_tr[..., None, None]
-    y_obs = ac @ W  # (*, N, C)
-    y = (W.mT @ ac.mT if axis == 0 else y_obs).to(x.dtype)  # axis=0 writes (m, d) = W^T Ac^T directly
-    v = y_obs.var(dim=-2, correction=1)
-    return IterNormSaved(y.contiguous(), mean, S, tr, Ps, Pp, v)
+    if axis == 0:  # write (m, d) = W^T Ac^T directly; the variables are its rows
+        y_full = W.mT @ ac.mT
+        v = y_full.var(dim=-1, correction=1)
+    else:
+        y_full = ac @ W
+        v = y_full.var(dim=-2, correction=1)
+    return IterNormSaved(y_full.to(x.dtype).contiguous(), mean, S, tr, Ps, Pp, v)
 
 
 def iternorm_bwd(grad_y: Tensor, grad_v: Tensor, y: Tensor, x: Tensor, mean: Tensor, S: Tensor,
