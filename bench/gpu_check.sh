@@ -71,14 +71,25 @@ step "3. GPU test tier"
 TEST_LIMIT=$(( $(left) - 200 )); (( TEST_LIMIT > 150 )) && TEST_LIMIT=150
 run gpu_tests "$TEST_LIMIT" $PY -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" tests/
 
+step "3b. compute-sanitizer on the CUDA backend's small-C path (memcheck, racecheck)"
+if command -v compute-sanitizer >/dev/null && [ "${INTL_OPS_JIT:-0}" = 1 ] && (( $(left) > 300 )); then
+  run sanitize_memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 1 $PY csrc/sanitize_run.py
+  run sanitize_racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 1 $PY csrc/sanitize_run.py
+else
+  echo "skipped: compute-sanitizer absent, the CUDA extension not built, or no time left"
+fi
+
 step "4. benchmark grid (most important rows first; the time budget cuts from the end)"
 # Pass A: every provider but `compiled` over the full grid. Pass B: `compiled` (one inductor
 # compile per shape, tens of seconds each) with eager and reference on the headline cases only.
-GRID_BUDGET=$(( $(left) - 110 ))
+GRID_BUDGET=$(( $(left) - 210 ))  # leaves the compiled pass, the train step and the profile
 run bench_full $(( GRID_BUDGET + 40 )) $PY -m bench --grid full --providers eager,eager-amp,reference,triton,cuda,iternorm,zca,cholesky \
     --results-dir "$OUT" --time-budget "$GRID_BUDGET" --rep-ms 60 --warmup-ms 15
 run bench_compiled $(( $(left) - 30 )) $PY -m bench --grid headline --providers eager,compiled,reference --modes full \
     --results-dir "$OUT" --time-budget $(( $(left) - 75 )) --rep-ms 60 --warmup-ms 15
+
+step "4b. training step: ResNet-50 images/s per loss implementation, and the loss head's share"
+run train_step 100 $PY train/bench_step.py --losses triton cuda literal --out "$OUT/train_step_resnet50.json"
 
 step "5. profile: launches and device time per provider at the reference default"
 run profile $(( $(left) - 8 )) $PY -m bench --grid headline --ops intl_loss,iternorm --dtypes bf16 --modes full \
