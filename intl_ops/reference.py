@@ -77,7 +77,7 @@ def iternorm_fwd(x: Tensor, iters: int, axis: int) -> IterNormSaved:
     sigma = ac.mT @ ac / (n_obs - 1)
     tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)
     inv_tr, inv_sqrt_tr = _guarded_scales(tr)
-    S = sigma * inv_tr[..., None, None]
+    S = sigma.mul_(inv_tr[..., None, None])
 
     batch = S.shape[:-2]
     Ps = S.new_empty(*batch, iters, C, C)
@@ -109,22 +109,20 @@ def iternorm_bwd(grad_y: Tensor, grad_v: Tensor, y: Tensor, x: Tensor, mean: Ten
     n_obs = a.shape[-2]
     ac = a - mean.unsqueeze(-2)
     inv_tr, inv_sqrt_tr = _guarded_scales(tr)
-    eye = _eye_like(S)
-    P_T = Ps[..., iters - 1, :, :] if iters >= 1 else eye
+    P_T = Ps[..., iters - 1, :, :] if iters >= 1 else _eye_like(S)
 
     # The trace-loss route: v_j = var_j(y) enters as Ybar += 2 gv_j (y_ij - mean_j) / (N - 1).
     yo = as_observations(y, axis).to(ct)
     ybar = as_observations(grad_y, axis).to(ct)
     ybar = ybar + (2.0 / (n_obs - 1)) * grad_v.unsqueeze(-2) * (yo - yo.mean(dim=-2, keepdim=True))
 
-    W = P_T * inv_sqrt_tr[..., None, None]
+    # Temporaries are updated in place (the backward's peak memory is what training pays for).
+    acbar = (ybar @ P_T.mT).mul_(inv_sqrt_tr[..., None, None])  # Ybar W^T
     Wbar = ac.mT @ ybar
-    acbar = ybar @ W.mT
-    Pbar = Wbar * inv_sqrt_tr[..., None, None]
-    trbar = -0.5 * (inv_sqrt_tr * inv_tr) * (Wbar * P_T).sum((-2, -1))
+    trbar = -0.5 * (inv_sqrt_tr * inv_tr) * torch.einsum("...ij,...ij->...", Wbar, P_T)
+    G = Wbar.mul_(inv_sqrt_tr[..., None, None])  # Pbar
 
     Sbar = torch.zeros_like(S)
-    G = Pbar  # a fresh tensor: updated in place below
     for k in range(iters, 0, -1):
         if k == 1:  # B = P_0 = I: only the S term remains, P_0 needs no gradient
             Sbar.add_(G, alpha=-0.5)
@@ -137,10 +135,13 @@ def iternorm_bwd(grad_y: Tensor, grad_v: Tensor, y: Tensor, x: Tensor, mean: Ten
         _gemm_(G, H, B2.mT, beta=1.5, alpha=-0.5)
         _gemm_(G, B2.mT, H, alpha=-0.5)
         _gemm_(G, B.mT @ H, B.mT, alpha=-0.5)
+        del H
+    del G
 
-    sbar_dot_s = (Sbar * S).sum((-2, -1))
-    sigmabar = Sbar * inv_tr[..., None, None] + ((trbar - sbar_dot_s * inv_tr)[..., None, None] * eye)
-    acbar = acbar + ac @ (sigmabar + sigmabar.mT) / (n_obs - 1)
+    sbar_dot_s = torch.einsum("...ij,...ij->...", Sbar, S)
+    sigmabar = Sbar.mul_(inv_tr[..., None, None])
+    sigmabar.diagonal(dim1=-2, dim2=-1).add_((trbar - sbar_dot_s * inv_tr)[..., None])
+    _gemm_(acbar, ac, sigmabar + sigmabar.mT, alpha=1.0 / (n_obs - 1))
     abar = acbar - acbar.mean(dim=-2, keepdim=True)
     return as_observations(abar, axis).to(x.dtype).contiguous()
 
