@@ -232,7 +232,7 @@ TORCH_LIBRARY(intl_cuda, m) {
   m.def("ns_bwd(Tensor wbar, Tensor S, Tensor tr, Tensor Ps, Tensor Pp, int iters, int n_obs) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(intl_cuda, CUDA, m) {
+static void impl_all(torch::Library& m) {
   m.impl("centered_gram", &centered_gram);
   m.impl("centered_matmul", &centered_matmul);
   m.impl("centered_tmatmul", &centered_tmatmul);
@@ -241,14 +241,9 @@ TORCH_LIBRARY_IMPL(intl_cuda, CUDA, m) {
   m.impl("ns_bwd", &ns_bwd);
 }
 
+TORCH_LIBRARY_IMPL(intl_cuda, CUDA, m) { impl_all(m); }
+
 // CPU tensors reach the same functions, whose first TORCH_CHECK names the argument that is not on CUDA.
-TORCH_LIBRARY_IMPL(intl_cuda, CPU, m) {
-  m.impl("centered_gram", &centered_gram);
-  m.impl("centered_matmul", &centered_matmul);
-  m.impl("centered_tmatmul", &centered_tmatmul);
-  m.impl("grad_input", &grad_input);
-  m.impl("ns_fwd", &ns_fwd);
-  m.impl("ns_bwd", &ns_bwd);
-}
+TORCH_LIBRARY_IMPL(intl_cuda, CPU, m) { impl_all(m); }
 
 }  // namespace intl_cuda
