@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ._checks import check_axis, check_finite, check_iters, check_matrix
 from .functional import iternorm
+from .ops import _no_autocast
 from .plotting import plot_spectra  # noqa: F401  (re-exported: the public diagnostics live together)
 from .reference import as_observations, compute_dtype
 
@@ -159,15 +160,10 @@ def spectral_transform_bwd_ref(grad_y: Tensor, x: Tensor, mean: Tensor, tr: Tens
 
 
 # ---------------------------------------------------------------- custom ops
-def _no_autocast(device: torch.device):
-    """The math must run in the compute dtype even inside a user's autocast region."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
 @torch.library.custom_op("intl::spectral_transform_fwd", mutates_args=())
 def spectral_transform_fwd(x: Tensor, power: float, axis: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, tr, evals, evecs) as in SpectralSaved; x is (*, m, d)."""
-    with _no_autocast(x.device):
+    with _no_autocast(x):
         return tuple(spectral_transform_fwd_ref(x, power, axis, eps))
 
 
@@ -182,7 +178,7 @@ def _(x, power, axis, eps):
 @torch.library.custom_op("intl::spectral_transform_bwd", mutates_args=())
 def spectral_transform_bwd(grad_y: Tensor, x: Tensor, mean: Tensor, tr: Tensor, evals: Tensor, evecs: Tensor,
                            power: float, axis: int, eps: float) -> Tensor:
-    with _no_autocast(x.device):
+    with _no_autocast(x):
         return spectral_transform_bwd_ref(grad_y, x, mean, tr, evals, evecs, power, axis, eps)
 
 
@@ -240,7 +236,7 @@ def cholesky_whiten(x: Tensor, axis: int = 0, *, eps: float = 0.0) -> Tensor:
     axis = check_axis(axis)
     check_matrix(x, "x", axis)
     check_finite(x, "x")
-    with _no_autocast(x.device):
+    with _no_autocast(x):
         ac, _ = _centred(x, axis)
         S, tr, inv_tr = _normalised_cov(ac)
         eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
@@ -292,9 +288,14 @@ def spectrum(x: Tensor, axis: int = 0) -> Tensor:
     axis = check_axis(axis)
     check_matrix(x, "x", axis)
     check_finite(x, "x")
-    with torch.no_grad(), _no_autocast(x.device):
-        S, _, _ = _normalised_cov(_centred(x.detach(), axis)[0])
-        return torch.linalg.eigvalsh(S).flip(-1).clamp_min(0)
+    with torch.no_grad(), _no_autocast(x):
+        ac = _centred(x.detach(), axis)[0]
+        C = ac.shape[-1]
+        # Ac^T Ac and Ac Ac^T share their nonzero eigenvalues (the trace normalisation cancels any
+        # scale): decompose the smaller one, e.g. the m x m Gram of 8192-d embeddings, and pad zeros.
+        S, _, _ = _normalised_cov(ac.mT if ac.shape[-2] < C else ac)
+        lam = torch.linalg.eigvalsh(S).flip(-1).clamp_min(0)
+        return torch.nn.functional.pad(lam, (0, C - lam.shape[-1]))
 
 
 def effective_rank(x: Tensor, axis: int = 0) -> Tensor:

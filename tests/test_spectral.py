@@ -407,3 +407,18 @@ def test_plot_spectra_writes_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert intl_ops.plot_spectra({"a": [0.6, 0.4]}, str(tmp_path / "b.png")) == str(tmp_path / "b.png")
+
+
+@pytest.mark.parametrize("axis", [0, 1], ids=["axis0", "axis1"])
+def test_spectrum_from_the_smaller_gram_equals_the_full_covariance(axis):
+    """Fewer observations than variables: spectrum() decomposes the small Gram; same eigenvalues, zeros padded."""
+    x = torch.randn(23, 61, dtype=torch.float64) @ torch.randn(61, 61, dtype=torch.float64)
+    x = x if axis == 1 else x.T.contiguous()  # 23 observations of 61 variables either way
+    a = x if axis == 1 else x.T
+    ac = a - a.mean(0)
+    sigma = ac.T @ ac
+    full = torch.linalg.eigvalsh(sigma / sigma.trace()).flip(0).clamp_min(0)
+    lam = intl_ops.spectrum(x, axis)
+    assert lam.shape == (61,)
+    torch.testing.assert_close(lam, full, rtol=1e-8, atol=1e-12)
+    assert float(intl_ops.effective_rank(x, axis)) <= 22 + 1e-6  # rank of 23 centred observations

@@ -19,7 +19,7 @@ import intl_ops  # noqa: E402
 import linear_eval  # noqa: E402
 import pretrain  # noqa: E402
 from ssl_data import DataError, EpochSampler  # noqa: E402
-from ssl_models import GlobalBatchNorm, embedding_effective_rank  # noqa: E402
+from ssl_models import GlobalBatchNorm  # noqa: E402
 from ssl_run import load_newest_good  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -265,11 +265,6 @@ def test_cli_reports_errors_without_traceback(tmp_path):
 
 
 # ------------------------------------------------------------------ helpers and evaluation
-def test_embedding_effective_rank_matches_intl_ops():
-    z = torch.randn(24, 40) @ torch.randn(40, 40)
-    assert embedding_effective_rank(z) == pytest.approx(float(intl_ops.effective_rank(z, axis=1)), rel=1e-4)
-
-
 def test_lr_schedule_and_ema_momentum():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     lrs = [pretrain.set_lr(opt, s, 1.0, 0.001, 10, 100) for s in range(100)]
