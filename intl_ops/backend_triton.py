@@ -4,8 +4,9 @@ Same signatures and the same saved-tensor layout as the reference (see intl_ops.
 y (*, m, d) in x's dtype, contiguous; mean (*, C), S (*, C, C), tr (*), Ps (*, T, C, C),
 Pp (*, T-1, 2, C, C), v (*, C), all fp32 for fp16/bf16/fp32 inputs.
 
-Dtypes: fp16, bf16 and fp32 run the kernels (fp32 accumulation; fp32 products follow
-torch.get_float32_matmul_precision(): tf32 unless "highest"). fp64 is not compiled into the kernels:
+Dtypes: fp16, bf16 and fp32 run the kernels (fp32 accumulation; by default on the tensor cores at
+fp32 accuracy: fp32 operands as tf32x3, fp16/bf16 input tiles in their own dtype; see
+kernels/_common.py and set_dot_precision). fp64 is not compiled into the kernels:
 fp64 inputs run the reference math (the oracle's precision) on the same device, so backend="triton"
 never fails on a dtype; `uses_kernels(dtype)` says which path a dtype takes.
 
@@ -14,7 +15,7 @@ interpreter (TRITON_INTERPRET=1 set before this module is imported), as CI runs 
 
 Launches per call (the B views batched in every launch; T Newton steps; C the number of variables,
 small C <= kernels.newton_schulz.ROWS_MAX_C):
-  iternorm_fwd: 2 (covariance) + (T-1) small C / 3 (T-1) large C (Newton-Schulz) + 1 (apply) kernels,
+  iternorm_fwd: 3 (covariance) + (T-1) small C / 3 (T-1) large C (Newton-Schulz) + 1 (apply) kernels,
                 plus 2 small torch reductions for v.
   iternorm_bwd: 1 (Wbar) + 2 (T-1) small C / 4 (T-1) large C (Newton-Schulz) + 1 (dA) kernels, plus
                 ~10 small torch ops on (B, C, C) matrices for the trace / covariance chain rule.
@@ -42,6 +43,7 @@ try:
     from kernels.newton_schulz import newton_schulz_bwd, newton_schulz_fwd
     from kernels import nmse as _nmse
     from kernels import trace_loss as _tl
+    from kernels._common import set_dot_precision  # noqa: F401  (intl_ops.set_dot_precision)
 
     _IMPORT_ERROR = None
 except Exception as exc:  # noqa: BLE001  (reported by unavailable_reason)

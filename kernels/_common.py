@@ -1,10 +1,31 @@
-"""Shared helpers of the Triton kernels: interpreter detection, matmul precision, block sizes."""
+"""Shared helpers of the Triton kernels: interpreter detection, matmul precision, block sizes.
+
+Matmul precision (every tl.dot accumulates in fp32). The mode, set by `set_dot_precision` or the
+environment variable INTL_OPS_DOT_PRECISION, is one of
+  "auto"    (default) tensor cores at fp32 accuracy: fp32 operands as "tf32x3" (three tf32 MMAs,
+            error near fp32's), or "tf32" when the user allowed tf32 matmuls in torch
+            (torch.set_float32_matmul_precision("high"/"medium") or
+            torch.backends.cuda.matmul.fp32_precision = "tf32"); fp16/bf16 input tiles go to the
+            tensor cores in their own dtype (the products are exact, the sums fp32).
+  "tf32x3"  as auto, but fp32 operands always as tf32x3.
+  "tf32"    fp32 operands as one tf32 MMA (10-bit mantissa: ~1e-3 relative error, fastest).
+  "ieee"    exact fp32 FMA, no tensor cores (slow: ~67 TFLOP/s peak on H200); fp16/bf16 tiles
+            are upcast to fp32 too. The choice for bit-level comparisons with a CPU.
+Why not torch's own default: torch's default ("highest") would mean "ieee" here, i.e. no tensor
+cores at all, for a whitening whose accuracy tf32x3 already matches.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
+
+DOT_MODES = ("auto", "tf32x3", "tf32", "ieee")
+_dot_mode = "auto"
+# Tests and the ahead-of-time compile may ask the interpreter to use the GPU's block sizes.
+_force_gpu_blocks = False
 
 
 def interpreting() -> bool:
@@ -12,16 +33,74 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def set_dot_precision(mode: str) -> None:
+    """Set the matmul precision of every Triton kernel: one of DOT_MODES (see the module docstring)."""
+    global _dot_mode
+    if mode not in DOT_MODES:
+        raise ValueError(f"dot precision mode must be one of {DOT_MODES}, got {mode!r}")
+    _dot_mode = mode
+
+
+def get_dot_precision() -> str:
+    """The mode set by set_dot_precision (or INTL_OPS_DOT_PRECISION), default "auto"."""
+    env = os.environ.get("INTL_OPS_DOT_PRECISION")
+    if env is not None and _dot_mode == "auto":
+        if env not in DOT_MODES:
+            raise ValueError(f"INTL_OPS_DOT_PRECISION must be one of {DOT_MODES}, got {env!r}")
+        return env
+    return _dot_mode
+
+
+def torch_allows_tf32() -> bool:
+    """Whether the user allowed tf32 for CUDA fp32 matmuls, through either of torch's APIs. The legacy
+    getter raises once the new per-backend API was used, so the new attribute is read first."""
+    new = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if new == "none":  # inherits the global setting
+        new = getattr(torch.backends, "fp32_precision", "none")
+    if new in ("tf32", "ieee"):
+        return new == "tf32"
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        return False
+
+
 def dot_precision() -> str:
-    """tl.dot input_precision for fp32 operands: follows torch.get_float32_matmul_precision()
-    ("highest" -> exact fp32 "ieee", else "tf32"). The interpreter computes "tf32" as fp32."""
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    """tl.dot input_precision for fp32 operands under the current mode."""
+    mode = get_dot_precision()
+    if mode == "auto":
+        return "tf32" if torch_allows_tf32() else "tf32x3"
+    return mode
+
+
+def half_dot(dtype: torch.dtype) -> bool:
+    """True when input tiles of `dtype` (fp16/bf16) go to tl.dot in their own dtype, on the tensor
+    cores, instead of upcast to fp32. Never for bf16 under the interpreter, whose bf16 dot is wrong."""
+    if dtype not in (torch.float16, torch.bfloat16) or get_dot_precision() == "ieee":
+        return False
+    return not (interpreting() and dtype == torch.bfloat16)
+
+
+@contextlib.contextmanager
+def gpu_block_sizes():
+    """Use the GPU's block sizes under the interpreter too (tests of the multi-tile paths)."""
+    global _force_gpu_blocks
+    old, _force_gpu_blocks = _force_gpu_blocks, True
+    try:
+        yield
+    finally:
+        _force_gpu_blocks = old
+
+
+def small_blocks() -> bool:
+    """True for the interpreter's few-large-programs block sizes."""
+    return interpreting() and not _force_gpu_blocks
 
 
 def block(n: int, gpu: int, interp: int = 128, lo: int = 16) -> int:
     """A power-of-two block for a dimension of size n: `gpu` on the GPU, up to `interp` under the
     interpreter (few, large programs: the interpreter costs ~ms per program and loop step)."""
-    hi = interp if interpreting() else gpu
+    hi = interp if small_blocks() else gpu
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 

@@ -23,13 +23,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block, dot_precision, num_warps
+from ._common import block, dot_precision, half_dot, num_warps
 
 
 @triton.jit
 def _rsqrt_guarded(tr):
     """1/sqrt(tr), 0 where tr == 0 (constant input)."""
     return tl.where(tr > 0, 1.0 / tl.sqrt(tl.where(tr > 0, tr, 1.0)), 0.0)
+
+
+@triton.jit
+def _dot(b_x, b_y, b_acc, half_ty, HALF_DOT: tl.constexpr, PREC: tl.constexpr):
+    """b_acc + b_x @ b_y on fp32 tiles: on the tensor cores in `half_ty` (fp16/bf16 inputs, fp32 sums)
+    when HALF_DOT, else at precision PREC."""
+    if HALF_DOT:
+        return tl.dot(b_x.to(half_ty), b_y.to(half_ty), b_acc)
+    return tl.dot(b_x, b_y, b_acc, input_precision=PREC)
 
 
 @triton.jit
@@ -41,7 +50,8 @@ def _apply_fwd_kernel(
     y_ptr,  # Y (B, N, C) output dtype, strides (s_yb, s_yn, s_yc): the obs view of the (m, d) y
     part_ptr,  # (B, 2, N/BN, C) fp32: per-tile column sums and sums of squares of Y
     N, C, s_ab, s_an, s_ac, s_wb, s_yb, s_yn, s_yc,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HALF_DOT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     i_n, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -58,7 +68,7 @@ def _apply_fwd_kernel(
         b_a = tl.load(p_a + o_n[:, None] * s_an + o_k[None, :] * s_ac, mask=m_nk, other=0.0).to(tl.float32)
         b_a = tl.where(m_nk, b_a - b_mu[None, :], 0.0)
         b_w = tl.load(p_w + o_k[:, None] * C + o_c[None, :], mask=m_k[:, None] & m_c[None, :], other=0.0)
-        b_acc = tl.dot(b_a, b_w, b_acc, input_precision=PREC)
+        b_acc = _dot(b_a, b_w, b_acc, a_ptr.dtype.element_ty, HALF_DOT, PREC)
     b_y = b_acc * _rsqrt_guarded(tl.load(tr_ptr + i_b))
     m_nc = m_n[:, None] & m_c[None, :]
     tl.store(y_ptr + i_b * s_yb + o_n[:, None] * s_yn + o_c[None, :] * s_yc,
@@ -91,7 +101,7 @@ def _apply_bwd_w_kernel(
     g_ptr,  # G = rs * Ac^T Ybar' (B, C, C) fp32 contiguous, written
     ysum_ptr,  # column sums of Ybar' (B, C) fp32, written by the programs with i_i == 0
     N, C, c_v, s_ab, s_an, s_ac, s_gb, s_gn, s_gc, s_yb, s_yn, s_yc,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, HALF_DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     i_i, i_j, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_i = i_i * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -109,7 +119,7 @@ def _apply_bwd_w_kernel(
         b_a = tl.where(m_ni, b_a.to(tl.float32) - b_mu[None, :], 0.0)
         b_yb = _ybar_tile(gy_ptr, y_ptr, gv_ptr, i_b, o_n, o_j, m_nj, c_v,
                           s_gb, s_gn, s_gc, s_yb, s_yn, s_yc, C)
-        b_acc = tl.dot(tl.trans(b_a), b_yb, b_acc, input_precision=PREC)
+        b_acc = _dot(tl.trans(b_a), b_yb, b_acc, a_ptr.dtype.element_ty, HALF_DOT, PREC)
         b_ysum += tl.sum(b_yb, axis=0)
     b_g = b_acc * _rsqrt_guarded(tl.load(tr_ptr + i_b))
     tl.store(g_ptr + i_b * C * C + o_i[:, None] * C + o_j[None, :], b_g, mask=m_i[:, None] & m_j[None, :])
@@ -125,7 +135,8 @@ def _apply_bwd_x_kernel(
     msym_ptr,  # M = (Sigmabar + Sigmabar^T) / (N - 1) (B, C, C) fp32 contiguous
     gx_ptr,  # Abar (B, N, C) in x's dtype, strides (s_xb, s_xn, s_xc): the obs view of grad_x
     N, C, c_v, s_ab, s_an, s_ac, s_gb, s_gn, s_gc, s_yb, s_yn, s_yc, s_wb, s_xb, s_xn, s_xc,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HALF_DOT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     i_n, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -143,8 +154,8 @@ def _apply_bwd_x_kernel(
         b_ym = tl.load(ysum_ptr + i_b * C + o_k, mask=m_k, other=0.0) / N
         b_yb = tl.where(m_nk, b_yb - b_ym[None, :], 0.0)
         b_w = tl.load(w_ptr + i_b * s_wb + o_k[:, None] * C + o_c[None, :], mask=m_k[:, None] & m_c[None, :], other=0.0)
-        b_acc = tl.dot(b_yb, b_w * rs, b_acc, input_precision=PREC)
-    # + Ac @ M
+        b_acc = _dot(b_yb, b_w * rs, b_acc, a_ptr.dtype.element_ty, HALF_DOT, PREC)
+    # + Ac @ M, always in fp32 operands: M = Sigmabar / (N-1) can be far below fp16's normal range
     for k0 in range(0, C, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < C
@@ -171,7 +182,8 @@ def apply_fwd(a, mean, w, tr, y_obs):
     part = torch.empty(B, 2, nn, C, device=a.device, dtype=torch.float32)
     _apply_fwd_kernel[(nn, triton.cdiv(C, bc), B)](
         a, mean, w, tr, y_obs, part, N, C, *a.stride(), w.stride(0), *y_obs.stride(),
-        BLOCK_N=bn, BLOCK_C=bc, BLOCK_K=bk, PREC=dot_precision(), num_warps=num_warps(bn * bc))
+        BLOCK_N=bn, BLOCK_C=bc, BLOCK_K=bk, HALF_DOT=half_dot(a.dtype), PREC=dot_precision(),
+        num_warps=num_warps(bn * bc))
     s1, s2 = part.sum(2).unbind(1)
     return (s2 - s1 * s1 / N) / (N - 1)
 
@@ -189,9 +201,11 @@ def apply_bwd(a, mean, w, tr, gy_obs, y_obs, gv, ns_bwd, gx_obs):
     ntc = triton.cdiv(C, bcc)
     _apply_bwd_w_kernel[(ntc, ntc, B)](
         a, mean, gy_obs, y_obs, gv, tr, G, ysum, N, C, c_v, *a.stride(), *gy_obs.stride(), *y_obs.stride(),
-        BLOCK_C=bcc, BLOCK_N=block(N, gpu=32), PREC=dot_precision(), num_warps=num_warps(bcc * bcc))
+        BLOCK_C=bcc, BLOCK_N=block(N, gpu=32), HALF_DOT=half_dot(a.dtype), PREC=dot_precision(),
+        num_warps=num_warps(bcc * bcc))
     M = ns_bwd(G)
     _apply_bwd_x_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), B)](
         a, mean, gy_obs, y_obs, gv, tr, ysum, w, M, gx_obs, N, C, c_v, *a.stride(), *gy_obs.stride(),
         *y_obs.stride(), w.stride(0), *gx_obs.stride(),
-        BLOCK_N=bn, BLOCK_C=bc, BLOCK_K=bk, PREC=dot_precision(), num_warps=num_warps(bn * bc))
+        BLOCK_N=bn, BLOCK_C=bc, BLOCK_K=bk, HALF_DOT=half_dot(a.dtype), PREC=dot_precision(),
+        num_warps=num_warps(bn * bc))

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block, dot_precision, interpreting, num_warps
+from ._common import block, dot_precision, num_warps, small_blocks
 
 
 @triton.jit
@@ -167,7 +167,7 @@ def _use_rows(C: int) -> bool:
 
 def _rows_blocks(C: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the row-block kernels."""
-    if interpreting():
+    if small_blocks():
         return block(C, 0, interp=128), block(C, 0, interp=128), block(C, 0, interp=128), 4
     return (16 if C <= 256 else 32), 64, 32, 4
 
