@@ -104,5 +104,10 @@ def block(n: int, gpu: int, interp: int = 128, lo: int = 16) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def num_warps(tile_elems: int) -> int:
-    return 8 if tile_elems >= 128 * 128 else 4
+def num_warps(tile_elems: int, dots: bool = True) -> int:
+    """Warps for a program whose output tile has `tile_elems` elements. Exact fp32 products ("ieee": FMA,
+    no tensor cores) hold their operand tiles in registers: 8 warps keep them from spilling (ptxas
+    spilled at 4 with 64x64 tiles; bench/aot_compile.py checks every launch)."""
+    if tile_elems >= 128 * 128 or (dots and dot_precision() == "ieee"):
+        return 8
+    return 4

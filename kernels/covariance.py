@@ -198,7 +198,7 @@ def covariance_fwd(a: torch.Tensor, p1: torch.Tensor | None = None):
     mean = torch.empty(B, C, **f32)
     var = torch.empty(B, C, **f32)
     _cov_reduce_kernel[(nt, nt, B)](part, psum, shift, S, mean, var, N, C, n_split,
-                                    BLOCK_C=bc, num_warps=num_warps(bc * bc))
+                                    BLOCK_C=bc, num_warps=num_warps(bc * bc, dots=False))
     del part, psum
     tr = torch.empty(B, **f32)
     if p1 is not None:

@@ -169,7 +169,11 @@ def _rows_blocks(C: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the row-block kernels."""
     if small_blocks():
         return block(C, 0, interp=128), block(C, 0, interp=128), block(C, 0, interp=128), 4
-    return (16 if C <= 256 else 32), 64, 32, 4
+    bm = 16 if C <= 256 else 32
+    if bm == 16 and dot_precision() == "ieee":  # exact fp32 FMA products spilled with BLOCK_K = 32
+        return bm, 64, 16, 4
+    # 8 warps where ptxas spilled with 4 (triton 3.8): the 32-row tiles of the backward's three products
+    return bm, 64, 32, (8 if bm == 32 else num_warps(bm * 64))
 
 
 def _check_square(t: torch.Tensor, C: int) -> None:
