@@ -17,10 +17,12 @@ $(STAMP): requirements.txt pyproject.toml
 train: venv
 	$(PYTHON) train/pretrain.py --dataset digits
 
-# Builds and checks the CUDA extension (cached under build/; skipped without nvcc), then every test.
+# Builds and checks the CUDA extension (cached under build/; skipped without nvcc), then every test (the
+# gpu_check.sh dry run among them: tests/test_gpu_check.py), then the device-versions tier (test-device).
 test: venv
 	$(PYTHON) csrc/cuda_check.py
 	$(PYTHON) -m pytest -q
+	$(MAKE) --no-print-directory test-device
 
 bench: venv
 	$(PYTHON) -m bench --quick
@@ -34,3 +36,30 @@ clean:
 cuda-check: venv
 	$(PYTHON) csrc/cuda_check.py
 	$(PYTHON) -m pytest -q tests/test_cuda.py
+
+# Device-versions tier: the GPU machine's torch 2.11 / triton 3.6 (requirements-device.txt) in .venv-device,
+# no GPU needed: the interpreter and custom-op tests, the CUDA extension built against torch 2.11's headers
+# (its own cache, build/device/), and bench/aot_compile.py: every Triton launch configuration of the triton
+# backend compiled for sm_90, failing on compile errors and register spills.
+DEV_VENV   := .venv-device
+DEV_PYTHON := $(DEV_VENV)/bin/python
+DEV_STAMP  := $(DEV_VENV)/.installed
+
+.PHONY: venv-device test-device
+venv-device: $(DEV_STAMP)
+$(DEV_STAMP): requirements-device.txt pyproject.toml
+	test -x $(DEV_PYTHON) || $(PY) -m venv $(DEV_VENV)
+	$(DEV_PYTHON) -m pip install -q -r requirements-device.txt
+	INTL_OPS_BUILD_CUDA=0 $(DEV_PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(DEV_STAMP)
+
+test-device: venv-device
+	$(DEV_PYTHON) -m pytest -q -W 'ignore:Conversion of an array:DeprecationWarning' tests/test_triton.py tests/test_ops.py
+	INTL_OPS_CUDA_BUILD_DIR=$(CURDIR)/build/device $(DEV_PYTHON) csrc/cuda_check.py
+	$(DEV_PYTHON) bench/aot_compile.py
+
+# The lent-GPU script (bench/gpu_check.sh) on this CPU machine: every GPU step's CPU / interpreter twin,
+# results in bench/out/<date>/{gpu_check.tar.gz,summary.md} (or $OUT), < 3 minutes.
+.PHONY: gpu-dry-run
+gpu-dry-run: venv
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh --dry-run
