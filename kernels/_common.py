@@ -104,10 +104,21 @@ def block(n: int, gpu: int, interp: int = 128, lo: int = 16) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def num_warps(tile_elems: int, dots: bool = True) -> int:
-    """Warps for a program whose output tile has `tile_elems` elements. Exact fp32 products ("ieee": FMA,
-    no tensor cores) hold their operand tiles in registers: 8 warps keep them from spilling (ptxas
-    spilled at 4 with 64x64 tiles; bench/aot_compile.py checks every launch)."""
-    if tile_elems >= 128 * 128 or (dots and dot_precision() == "ieee"):
+def aligned(*sizes: int) -> bool:
+    """True if every size (and stride) is a multiple of 16, as Triton's divisibility hints want."""
+    return all(s % 16 == 0 for s in sizes)
+
+
+def strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """The non-unit strides of the tensors (what decides aligned())."""
+    return tuple(s for t in tensors for s in t.stride() if s != 1)
+
+
+def num_warps(tile_elems: int, dots: bool = True, is_aligned: bool = True) -> int:
+    """Warps for a program whose output tile has `tile_elems` elements. 8 where 4 spill registers
+    (bench/aot_compile.py checks every launch for sm_90): exact fp32 products ("ieee": FMA, no tensor
+    cores) hold their operand tiles in registers, and sizes that are not multiples of 16 lose Triton's
+    divisibility hints (scalar loads, more address registers)."""
+    if tile_elems >= 128 * 128 or not is_aligned or (dots and dot_precision() == "ieee"):
         return 8
     return 4

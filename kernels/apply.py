@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block, dot_precision, half_dot, num_warps
+from ._common import aligned, block, dot_precision, half_dot, num_warps, strides
 
 
 @triton.jit
@@ -170,7 +170,9 @@ def _apply_bwd_x_kernel(
 
 
 def _blocks(N: int, C: int):
-    return block(N, gpu=64), block(C, gpu=64), block(C, gpu=32)
+    """(BLOCK_N, BLOCK_C, BLOCK_K); exact fp32 FMA products take smaller tiles (larger ones spilled)."""
+    ieee = dot_precision() == "ieee"
+    return block(N, gpu=32 if ieee else 64), block(C, gpu=64), block(C, gpu=16 if ieee else 32)
 
 
 def apply_fwd(a, mean, w, tr, y_obs):
@@ -178,12 +180,13 @@ def apply_fwd(a, mean, w, tr, y_obs):
     the unbiased column variances of the fp32 Y. w: (B, C, C) row-major, batch stride may be 0."""
     B, N, C = a.shape
     bn, bc, bk = _blocks(N, C)
+    al = aligned(N, C, *strides(a, y_obs))
     nn = triton.cdiv(N, bn)
     part = torch.empty(B, 2, nn, C, device=a.device, dtype=torch.float32)
     _apply_fwd_kernel[(nn, triton.cdiv(C, bc), B)](
         a, mean, w, tr, y_obs, part, N, C, *a.stride(), w.stride(0), *y_obs.stride(),
         BLOCK_N=bn, BLOCK_C=bc, BLOCK_K=bk, HALF_DOT=half_dot(a.dtype), PREC=dot_precision(),
-        num_warps=num_warps(bn * bc))
+        num_warps=num_warps(bn * bc, is_aligned=al))
     s1, s2 = part.sum(2).unbind(1)
     return (s2 - s1 * s1 / N) / (N - 1)
 
@@ -194,6 +197,7 @@ def apply_bwd(a, mean, w, tr, gy_obs, y_obs, gv, ns_bwd, gx_obs):
     B, N, C = a.shape
     bn, bc, bk = _blocks(N, C)
     bcc = block(C, gpu=64)
+    al = aligned(N, C, *strides(a, gy_obs, y_obs, gx_obs))
     G = torch.empty(B, C, C, device=a.device, dtype=torch.float32)
     ysum = torch.empty(B, C, device=a.device, dtype=torch.float32)
     c_v = 2.0 / (N - 1)
@@ -202,10 +206,10 @@ def apply_bwd(a, mean, w, tr, gy_obs, y_obs, gv, ns_bwd, gx_obs):
     _apply_bwd_w_kernel[(ntc, ntc, B)](
         a, mean, gy_obs, y_obs, gv, tr, G, ysum, N, C, c_v, *a.stride(), *gy_obs.stride(), *y_obs.stride(),
         BLOCK_C=bcc, BLOCK_N=block(N, gpu=32), HALF_DOT=half_dot(a.dtype), PREC=dot_precision(),
-        num_warps=num_warps(bcc * bcc))
+        num_warps=num_warps(bcc * bcc, is_aligned=al))
     M = ns_bwd(G)
     _apply_bwd_x_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), B)](
         a, mean, gy_obs, y_obs, gv, tr, ysum, w, M, gx_obs, N, C, c_v, *a.stride(), *gy_obs.stride(),
         *y_obs.stride(), w.stride(0), *gx_obs.stride(),
         BLOCK_N=bn, BLOCK_C=bc, BLOCK_K=bk, HALF_DOT=half_dot(a.dtype), PREC=dot_precision(),
-        num_warps=num_warps(bn * bc))
+        num_warps=num_warps(bn * bc, is_aligned=al))

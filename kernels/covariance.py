@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block, dot_precision, half_dot, num_warps, small_blocks
+from ._common import aligned, block, dot_precision, half_dot, num_warps, small_blocks, strides
 
 # Longest run of rows one program sums sequentially (the fp32 error grows with it).
 MAX_SPLIT_ROWS = 2048
@@ -193,7 +193,8 @@ def covariance_fwd(a: torch.Tensor, p1: torch.Tensor | None = None):
     _cov_partial_kernel[(nt, nt, B * n_split)](
         a, part, psum, shift, N, C, n_split, rows, *a.stride(),
         BLOCK_C=bc, BLOCK_N=bn, SHIFT_ROWS=min(SHIFT_ROWS, triton.next_power_of_2(N)),
-        HALF_DOT=half_dot(a.dtype), PREC=dot_precision(), num_warps=num_warps(bc * bc))
+        HALF_DOT=half_dot(a.dtype), PREC=dot_precision(),
+        num_warps=num_warps(bc * bc, is_aligned=aligned(N, C, *strides(a))))
     S = torch.empty(B, C, C, **f32)
     mean = torch.empty(B, C, **f32)
     var = torch.empty(B, C, **f32)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block, dot_precision, num_warps, small_blocks
+from ._common import aligned, block, dot_precision, num_warps, small_blocks
 
 
 @triton.jit
@@ -173,7 +173,7 @@ def _rows_blocks(C: int):
     if bm == 16 and dot_precision() == "ieee":  # exact fp32 FMA products spilled with BLOCK_K = 32
         return bm, 64, 16, 4
     # 8 warps where ptxas spilled with 4 (triton 3.8): the 32-row tiles of the backward's three products
-    return bm, 64, 32, (8 if bm == 32 else num_warps(bm * 64))
+    return bm, 64, 32, (8 if bm == 32 else num_warps(bm * 64, is_aligned=aligned(C)))
 
 
 def _check_square(t: torch.Tensor, C: int) -> None:
@@ -196,7 +196,7 @@ def ns_mm(out, prods, alpha=1.0, z=None, beta=0.0, sym=False):
     _ns_mm_kernel[(nt, nt, B)](
         out, zz, *flat, C, out.stride(0), zz.stride(0), *[t.stride(0) for t in flat],
         float(alpha), float(beta), NPROD=len(prods), HAS_Z=z is not None, SYM=sym,
-        BLOCK=bs, BLOCK_K=bk, PREC=dot_precision(), num_warps=num_warps(bs * bs))
+        BLOCK=bs, BLOCK_K=bk, PREC=dot_precision(), num_warps=num_warps(bs * bs, is_aligned=aligned(C)))
     return out
 
 

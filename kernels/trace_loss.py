@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block
+from ._common import aligned, block, num_warps, strides
 
 
 @triton.jit
@@ -70,7 +70,8 @@ def column_variances(y_obs: torch.Tensor):
     v = torch.empty(B, C, device=y_obs.device, dtype=torch.float32)
     mean = torch.empty_like(v)
     _colvar_kernel[(triton.cdiv(C, bc), B)](y_obs, v, mean, N, C, *y_obs.stride(),
-                                            BLOCK_N=block(N, gpu=64, interp=256), BLOCK_C=bc)
+                                            BLOCK_N=block(N, gpu=64, interp=256), BLOCK_C=bc,
+                                            num_warps=num_warps(bc * bc, False, aligned(N, C, *strides(y_obs))))
     return v, mean
 
 
