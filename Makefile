@@ -63,3 +63,11 @@ test-device: venv-device
 .PHONY: gpu-dry-run
 gpu-dry-run: venv
 	PYTHON=$(PYTHON) bash bench/gpu_check.sh --dry-run
+
+# torchvision (and pillow) for the lent GPU machine (python 3.12, torch 2.11 -> torchvision 0.26), which has none and
+# cannot install: the device call carries bench/device_wheels and gpu_check.sh unpacks the wheel there.
+.PHONY: device-wheels
+device-wheels:
+	mkdir -p bench/device_wheels
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    --platform manylinux_2_28_x86_64 -d bench/device_wheels torchvision==0.26.0 pillow

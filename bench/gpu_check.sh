@@ -5,7 +5,8 @@
 # compute-sanitizer memcheck if time is left. Steps run in that order (most important first), each
 # under its own limit; a failing step is logged and the script goes on.
 #
-#   OUT=/some/dir bash bench/gpu_check.sh             # on the device machine (python3, a GPU)
+#   OUT=/some/dir bash bench/gpu_check.sh             # on the device machine (python3, a GPU); run
+#                                                     # `make device-wheels` here first and carry bench/device_wheels
 #   GPU_CHECK_BUDGET=300 bash bench/gpu_check.sh      # a shorter run (default 420 s)
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh --dry-run   # the same steps on CPU (make gpu-dry-run)
 #
@@ -146,7 +147,7 @@ key_lines() {  # the lines of step $1's log worth reading without the archive
   local name="$1" log="$WORK/logs/$1.log"
   [ -f "$log" ] || return 0
   case "$name" in
-    00_env) grep -E '^(gpu|gpu-mem|python|torch|triton|nvcc|git|backend|build_dir|cpu)' "$log" ;;
+    00_env) grep -E '^(gpu|gpu-mem|python|torch|torchvision|triton|nvcc|git|backend|build_dir|cpu)' "$log" ;;
     01_build)
       grep -E '^built:' "$log" || grep -v '^removed build lock' "$log" | tail -n 6
       local k bad
@@ -355,6 +356,23 @@ if (( PROBE_RC == 3 && ! DRY )); then
   finish 3 "ABORTED in ${SECONDS} s: no GPU visible to torch"
 fi
 
+# torchvision (the training step's ResNet-50) is not on the device machine, and nothing installs there:
+# `make device-wheels` downloads its wheel (and pillow's, which it imports) into bench/device_wheels/
+# (git-ignored), the device call carries that folder (carry=["bench/device_wheels"]), and what is missing is
+# unpacked onto PYTHONPATH here (a wheel is a zip).
+PYTAG="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")' 2>/dev/null)"
+unpack_if_missing() {  # unpack_if_missing MODULE WHEEL_NAME
+  "$PY" -c "import $1" > /dev/null 2>&1 && return 0
+  local whl; whl="$(ls "$REPO"/bench/device_wheels/"$2"-*-"$PYTAG"-*.whl 2>/dev/null | head -n 1)"
+  [ -n "$whl" ] && "$PY" -m zipfile -e "$whl" "$TOP/pylib" && say "unpacked ${whl##*/} onto PYTHONPATH (no $1 installed)"
+}
+if ! "$PY" -c "import torchvision" > /dev/null 2>&1; then
+  export PYTHONPATH="$PYTHONPATH:$TOP/pylib"
+  unpack_if_missing PIL pillow
+  unpack_if_missing torchvision torchvision
+  "$PY" -c "import torchvision" > /dev/null 2>&1 || say "torchvision: not importable, and bench/device_wheels has no usable $PYTAG wheel (make device-wheels, then carry bench/device_wheels): the ResNet-50 step will fail"
+fi
+
 say ""
 say "budget: each step's nominal limit (unused time flows to the later steps), in order of importance:"
 plan_table | tee -a "$MAINLOG"
@@ -371,6 +389,10 @@ try:
 except Exception as e:
     print("triton: not importable:", e)
 print("cpu", os.cpu_count(), "cores,", platform.processor() or platform.machine())
+try:
+    import torchvision; print("torchvision", torchvision.__version__)
+except Exception as e:
+    print("torchvision: not importable:", e)
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("gpu", p.name, "sm", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count)
