@@ -77,16 +77,12 @@ def impl(backend: str, fn: str):
     return found
 
 
-DOT_PRECISIONS = ("auto", "tf32x3", "tf32", "ieee")
-
-
 def set_dot_precision(mode: str) -> None:
     """Matmul precision of the Triton kernels (every product accumulates in fp32):
     "auto" (default): tensor cores at fp32 accuracy, fp32 operands as tf32x3 (tf32 when torch allows
     tf32 matmuls), fp16/bf16 input tiles in their own dtype; "tf32x3"; "tf32"; "ieee" (exact fp32,
-    no tensor cores). Also settable with the environment variable INTL_OPS_DOT_PRECISION."""
-    if mode not in DOT_PRECISIONS:
-        raise ValueError(f"mode must be one of {DOT_PRECISIONS}, got {mode!r}")
+    no tensor cores). Also settable with the environment variable INTL_OPS_DOT_PRECISION. The mode is
+    validated by kernels/_common.py (ValueError naming the modes)."""
     mod = _load("triton")
     if isinstance(mod, str):
         raise RuntimeError(f"the Triton backend is unavailable: {mod}")

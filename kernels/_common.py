@@ -21,6 +21,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 DOT_MODES = ("auto", "tf32x3", "tf32", "ieee")
 _dot_mode = "auto"
@@ -53,32 +54,42 @@ def get_dot_precision() -> str:
 
 def torch_allows_tf32() -> bool:
     """Whether the user allowed tf32 for CUDA fp32 matmuls, through either of torch's APIs. The legacy
-    getter raises once the new per-backend API was used, so the new attribute is read first."""
-    new = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if new == "none":  # inherits the global setting
-        new = getattr(torch.backends, "fp32_precision", "none")
-    if new in ("tf32", "ieee"):
-        return new == "tf32"
+    getter is cheap (read at every launch); it raises once the new API set tf32 (torch 2.9+), and then
+    the new attribute decides."""
     try:
         return torch.get_float32_matmul_precision() != "highest"
     except RuntimeError:
-        return False
+        new = torch.backends.cuda.matmul.fp32_precision
+        if new == "none":  # inherits the global setting
+            new = torch.backends.fp32_precision
+        return new == "tf32"
 
 
 def dot_precision() -> str:
-    """tl.dot input_precision for fp32 operands under the current mode."""
+    """tl.dot input_precision for fp32 operands under the current mode (launchers read it once per
+    launch and pass it to half_dot and num_warps)."""
     mode = get_dot_precision()
     if mode == "auto":
         return "tf32" if torch_allows_tf32() else "tf32x3"
     return mode
 
 
-def half_dot(dtype: torch.dtype) -> bool:
+def half_dot(dtype: torch.dtype, prec: str) -> bool:
     """True when input tiles of `dtype` (fp16/bf16) go to tl.dot in their own dtype, on the tensor
-    cores, instead of upcast to fp32. Never for bf16 under the interpreter, whose bf16 dot is wrong."""
-    if dtype not in (torch.float16, torch.bfloat16) or get_dot_precision() == "ieee":
+    cores, instead of upcast to fp32: not with exact products (prec "ieee"), and never for bf16 under
+    the interpreter, whose bf16 dot is wrong."""
+    if dtype not in (torch.float16, torch.bfloat16) or prec == "ieee":
         return False
     return not (interpreting() and dtype == torch.bfloat16)
+
+
+@triton.jit
+def dot_acc(b_x, b_y, b_acc, half_ty, HALF_DOT: tl.constexpr, PREC: tl.constexpr):
+    """b_acc + b_x @ b_y of fp32 tiles: on the tensor cores in `half_ty` (the fp16/bf16 input's dtype,
+    fp32 sums) when HALF_DOT, else with input_precision PREC."""
+    if HALF_DOT:
+        return tl.dot(b_x.to(half_ty), b_y.to(half_ty), b_acc)
+    return tl.dot(b_x, b_y, b_acc, input_precision=PREC)
 
 
 @contextlib.contextmanager
@@ -114,11 +125,11 @@ def strides(*tensors: torch.Tensor) -> tuple[int, ...]:
     return tuple(s for t in tensors for s in t.stride() if s != 1)
 
 
-def num_warps(tile_elems: int, dots: bool = True, is_aligned: bool = True) -> int:
-    """Warps for a program whose output tile has `tile_elems` elements. 8 where 4 spill registers
-    (bench/aot_compile.py checks every launch for sm_90): exact fp32 products ("ieee": FMA, no tensor
-    cores) hold their operand tiles in registers, and sizes that are not multiples of 16 lose Triton's
-    divisibility hints (scalar loads, more address registers)."""
-    if tile_elems >= 128 * 128 or not is_aligned or (dots and dot_precision() == "ieee"):
+def num_warps(tile_elems: int, prec: str | None = None, is_aligned: bool = True) -> int:
+    """Warps for a program whose output tile has `tile_elems` elements and whose products (if any) run
+    at precision `prec`. 8 where 4 spill registers (bench/aot_compile.py checks every launch for sm_90):
+    exact fp32 products ("ieee": FMA, no tensor cores) hold their operand tiles in registers, and sizes
+    that are not multiples of 16 lose Triton's divisibility hints (scalar loads, more address registers)."""
+    if tile_elems >= 128 * 128 or not is_aligned or prec == "ieee":
         return 8
     return 4

@@ -23,22 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import aligned, block, dot_precision, half_dot, num_warps, strides
+from ._common import aligned, block, dot_acc, dot_precision, half_dot, num_warps, strides
 
 
 @triton.jit
 def _rsqrt_guarded(tr):
     """1/sqrt(tr), 0 where tr == 0 (constant input)."""
     return tl.where(tr > 0, 1.0 / tl.sqrt(tl.where(tr > 0, tr, 1.0)), 0.0)
-
-
-@triton.jit
-def _dot(b_x, b_y, b_acc, half_ty, HALF_DOT: tl.constexpr, PREC: tl.constexpr):
-    """b_acc + b_x @ b_y on fp32 tiles: on the tensor cores in `half_ty` (fp16/bf16 inputs, fp32 sums)
-    when HALF_DOT, else at precision PREC."""
-    if HALF_DOT:
-        return tl.dot(b_x.to(half_ty), b_y.to(half_ty), b_acc)
-    return tl.dot(b_x, b_y, b_acc, input_precision=PREC)
 
 
 @triton.jit
@@ -68,7 +59,7 @@ def _apply_fwd_kernel(
         b_a = tl.load(p_a + o_n[:, None] * s_an + o_k[None, :] * s_ac, mask=m_nk, other=0.0).to(tl.float32)
         b_a = tl.where(m_nk, b_a - b_mu[None, :], 0.0)
         b_w = tl.load(p_w + o_k[:, None] * C + o_c[None, :], mask=m_k[:, None] & m_c[None, :], other=0.0)
-        b_acc = _dot(b_a, b_w, b_acc, a_ptr.dtype.element_ty, HALF_DOT, PREC)
+        b_acc = dot_acc(b_a, b_w, b_acc, a_ptr.dtype.element_ty, HALF_DOT, PREC)
     b_y = b_acc * _rsqrt_guarded(tl.load(tr_ptr + i_b))
     m_nc = m_n[:, None] & m_c[None, :]
     tl.store(y_ptr + i_b * s_yb + o_n[:, None] * s_yn + o_c[None, :] * s_yc,
@@ -119,7 +110,7 @@ def _apply_bwd_w_kernel(
         b_a = tl.where(m_ni, b_a.to(tl.float32) - b_mu[None, :], 0.0)
         b_yb = _ybar_tile(gy_ptr, y_ptr, gv_ptr, i_b, o_n, o_j, m_nj, c_v,
                           s_gb, s_gn, s_gc, s_yb, s_yn, s_yc, C)
-        b_acc = _dot(tl.trans(b_a), b_yb, b_acc, a_ptr.dtype.element_ty, HALF_DOT, PREC)
+        b_acc = dot_acc(tl.trans(b_a), b_yb, b_acc, a_ptr.dtype.element_ty, HALF_DOT, PREC)
         b_ysum += tl.sum(b_yb, axis=0)
     b_g = b_acc * _rsqrt_guarded(tl.load(tr_ptr + i_b))
     tl.store(g_ptr + i_b * C * C + o_i[:, None] * C + o_j[None, :], b_g, mask=m_i[:, None] & m_j[None, :])
@@ -154,7 +145,7 @@ def _apply_bwd_x_kernel(
         b_ym = tl.load(ysum_ptr + i_b * C + o_k, mask=m_k, other=0.0) / N
         b_yb = tl.where(m_nk, b_yb - b_ym[None, :], 0.0)
         b_w = tl.load(w_ptr + i_b * s_wb + o_k[:, None] * C + o_c[None, :], mask=m_k[:, None] & m_c[None, :], other=0.0)
-        b_acc = _dot(b_yb, b_w * rs, b_acc, a_ptr.dtype.element_ty, HALF_DOT, PREC)
+        b_acc = dot_acc(b_yb, b_w * rs, b_acc, a_ptr.dtype.element_ty, HALF_DOT, PREC)
     # + Ac @ M, always in fp32 operands: M = Sigmabar / (N-1) can be far below fp16's normal range
     for k0 in range(0, C, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
@@ -169,9 +160,9 @@ def _apply_bwd_x_kernel(
              b_acc.to(gx_ptr.dtype.element_ty), mask=m_n[:, None] & m_c[None, :])
 
 
-def _blocks(N: int, C: int):
+def _blocks(N: int, C: int, prec: str):
     """(BLOCK_N, BLOCK_C, BLOCK_K); exact fp32 FMA products take smaller tiles (larger ones spilled)."""
-    ieee = dot_precision() == "ieee"
+    ieee = prec == "ieee"
     return block(N, gpu=32 if ieee else 64), block(C, gpu=64), block(C, gpu=16 if ieee else 32)
 
 
@@ -179,14 +170,15 @@ def apply_fwd(a, mean, w, tr, y_obs):
     """Write Y = (A - mean) w / sqrt(tr) into y_obs (the (B, N, C) view of y); return v (B, C) fp32,
     the unbiased column variances of the fp32 Y. w: (B, C, C) row-major, batch stride may be 0."""
     B, N, C = a.shape
-    bn, bc, bk = _blocks(N, C)
+    prec = dot_precision()
+    bn, bc, bk = _blocks(N, C, prec)
     al = aligned(N, C, *strides(a, y_obs))
     nn = triton.cdiv(N, bn)
     part = torch.empty(B, 2, nn, C, device=a.device, dtype=torch.float32)
     _apply_fwd_kernel[(nn, triton.cdiv(C, bc), B)](
         a, mean, w, tr, y_obs, part, N, C, *a.stride(), w.stride(0), *y_obs.stride(),
-        BLOCK_N=bn, BLOCK_C=bc, BLOCK_K=bk, HALF_DOT=half_dot(a.dtype), PREC=dot_precision(),
-        num_warps=num_warps(bn * bc, is_aligned=al))
+        BLOCK_N=bn, BLOCK_C=bc, BLOCK_K=bk, HALF_DOT=half_dot(a.dtype, prec), PREC=prec,
+        num_warps=num_warps(bn * bc, prec, al))
     s1, s2 = part.sum(2).unbind(1)
     return (s2 - s1 * s1 / N) / (N - 1)
 
@@ -195,7 +187,8 @@ def apply_bwd(a, mean, w, tr, gy_obs, y_obs, gv, ns_bwd, gx_obs):
     """Write dL/dA into gx_obs. ns_bwd(G) -> M = (Sigmabar + Sigmabar^T)/(N-1) (B, C, C) contiguous,
     given G = dL/dP_T (B, C, C) (the Newton-Schulz backward and the trace/covariance chain rule)."""
     B, N, C = a.shape
-    bn, bc, bk = _blocks(N, C)
+    prec = dot_precision()
+    bn, bc, bk = _blocks(N, C, prec)
     bcc = block(C, gpu=64)
     al = aligned(N, C, *strides(a, gy_obs, y_obs, gx_obs))
     G = torch.empty(B, C, C, device=a.device, dtype=torch.float32)
@@ -205,11 +198,11 @@ def apply_bwd(a, mean, w, tr, gy_obs, y_obs, gv, ns_bwd, gx_obs):
     ntc = triton.cdiv(C, bcc)
     _apply_bwd_w_kernel[(ntc, ntc, B)](
         a, mean, gy_obs, y_obs, gv, tr, G, ysum, N, C, c_v, *a.stride(), *gy_obs.stride(), *y_obs.stride(),
-        BLOCK_C=bcc, BLOCK_N=block(N, gpu=32), HALF_DOT=half_dot(a.dtype), PREC=dot_precision(),
-        num_warps=num_warps(bcc * bcc, is_aligned=al))
+        BLOCK_C=bcc, BLOCK_N=block(N, gpu=32), HALF_DOT=half_dot(a.dtype, prec), PREC=prec,
+        num_warps=num_warps(bcc * bcc, prec, al))
     M = ns_bwd(G)
     _apply_bwd_x_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), B)](
         a, mean, gy_obs, y_obs, gv, tr, ysum, w, M, gx_obs, N, C, c_v, *a.stride(), *gy_obs.stride(),
         *y_obs.stride(), w.stride(0), *gx_obs.stride(),
-        BLOCK_N=bn, BLOCK_C=bc, BLOCK_K=bk, HALF_DOT=half_dot(a.dtype), PREC=dot_precision(),
-        num_warps=num_warps(bn * bc, is_aligned=al))
+        BLOCK_N=bn, BLOCK_C=bc, BLOCK_K=bk, HALF_DOT=half_dot(a.dtype, prec), PREC=prec,
+        num_warps=num_warps(bn * bc, prec, al))

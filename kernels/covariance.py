@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import aligned, block, dot_precision, half_dot, num_warps, small_blocks, strides
+from ._common import aligned, block, dot_acc, dot_precision, half_dot, num_warps, small_blocks, strides
 
 # Longest run of rows one program sums sequentially (the fp32 error grows with it).
 MAX_SPLIT_ROWS = 2048
@@ -79,10 +79,7 @@ def _cov_partial_kernel(
             b_aj = tl.load(p_a + o_n[:, None] * s_an + o_j[None, :] * s_ac, mask=m_nj, other=0.0).to(tl.float32)
             b_ai = tl.where(m_ni, b_ai - b_si[None, :], 0.0)
             b_aj = tl.where(m_nj, b_aj - b_sj[None, :], 0.0)
-            if HALF_DOT:  # tensor cores in the input dtype, fp32 sums
-                b_acc = tl.dot(tl.trans(b_ai.to(a_ptr.dtype.element_ty)), b_aj.to(a_ptr.dtype.element_ty), b_acc)
-            else:
-                b_acc = tl.dot(tl.trans(b_ai), b_aj, b_acc, input_precision=PREC)
+            b_acc = dot_acc(tl.trans(b_ai), b_aj, b_acc, a_ptr.dtype.element_ty, HALF_DOT, PREC)
             b_sum_i += tl.sum(b_ai, axis=0)
         p_part = part_ptr + (i_b * n_split + i_k) * C * C
         tl.store(p_part + o_i[:, None] * C + o_j[None, :], b_acc, mask=m_i[:, None] & m_j[None, :])
@@ -187,19 +184,20 @@ def covariance_fwd(a: torch.Tensor, p1: torch.Tensor | None = None):
     bn = block(N, gpu=32)
     nt = triton.cdiv(C, bc)
     n_split, rows = split_rows(N, C, B, bn, bc, a.device)
+    prec = dot_precision()
     part = torch.empty(B, n_split, C, C, **f32)
     psum = torch.empty(B, n_split, C, **f32)
     shift = torch.empty(B, C, **f32)
     _cov_partial_kernel[(nt, nt, B * n_split)](
         a, part, psum, shift, N, C, n_split, rows, *a.stride(),
         BLOCK_C=bc, BLOCK_N=bn, SHIFT_ROWS=min(SHIFT_ROWS, triton.next_power_of_2(N)),
-        HALF_DOT=half_dot(a.dtype), PREC=dot_precision(),
-        num_warps=num_warps(bc * bc, is_aligned=aligned(N, C, *strides(a))))
+        HALF_DOT=half_dot(a.dtype, prec), PREC=prec,
+        num_warps=num_warps(bc * bc, prec, aligned(N, C, *strides(a))))
     S = torch.empty(B, C, C, **f32)
     mean = torch.empty(B, C, **f32)
     var = torch.empty(B, C, **f32)
     _cov_reduce_kernel[(nt, nt, B)](part, psum, shift, S, mean, var, N, C, n_split,
-                                    BLOCK_C=bc, num_warps=num_warps(bc * bc, dots=False))
+                                    BLOCK_C=bc, num_warps=num_warps(bc * bc))
     del part, psum
     tr = torch.empty(B, **f32)
     if p1 is not None:

@@ -165,15 +165,15 @@ def _use_rows(C: int) -> bool:
     return C <= ROWS_MAX_C
 
 
-def _rows_blocks(C: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the row-block kernels."""
+def _rows_blocks(C: int, prec: str):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the row-block kernels for products at precision prec."""
     if small_blocks():
         return block(C, 0, interp=128), block(C, 0, interp=128), block(C, 0, interp=128), 4
     bm = 16 if C <= 256 else 32
-    if bm == 16 and dot_precision() == "ieee":  # exact fp32 FMA products spilled with BLOCK_K = 32
+    if bm == 16 and prec == "ieee":  # exact fp32 FMA products spilled with BLOCK_K = 32
         return bm, 64, 16, 4
     # 8 warps where ptxas spilled with 4 (triton 3.8): the 32-row tiles of the backward's three products
-    return bm, 64, 32, (8 if bm == 32 else num_warps(bm * 64, is_aligned=aligned(C)))
+    return bm, 64, 32, (8 if bm == 32 else num_warps(bm * 64, prec, aligned(C)))
 
 
 def _check_square(t: torch.Tensor, C: int) -> None:
@@ -191,27 +191,29 @@ def ns_mm(out, prods, alpha=1.0, z=None, beta=0.0, sym=False):
     flat += [flat[0]] * (6 - len(flat))  # unused slots: any valid pointer
     bs = block(C, gpu=64)
     bk = block(C, gpu=32)
+    prec = dot_precision()
     nt = triton.cdiv(C, bs)
     zz = z if z is not None else out
     _ns_mm_kernel[(nt, nt, B)](
         out, zz, *flat, C, out.stride(0), zz.stride(0), *[t.stride(0) for t in flat],
         float(alpha), float(beta), NPROD=len(prods), HAS_Z=z is not None, SYM=sym,
-        BLOCK=bs, BLOCK_K=bk, PREC=dot_precision(), num_warps=num_warps(bs * bs, is_aligned=aligned(C)))
+        BLOCK=bs, BLOCK_K=bk, PREC=prec, num_warps=num_warps(bs * bs, prec, aligned(C)))
     return out
 
 
 def newton_schulz_fwd(S: torch.Tensor, Ps: torch.Tensor, Pp: torch.Tensor) -> None:
     """Fill Ps[:, 1:] (P_2..P_T) and Pp (P_k^2, P_k^3, k = 1..T-1) in place; Ps[:, 0] = P_1 is given."""
     B, T, C = Ps.shape[0], Ps.shape[1], S.shape[-1]
+    prec = dot_precision()
     for k in range(1, T):
         P, P2, P3, Pn = Ps[:, k - 1], Pp[:, k - 1, 0], Pp[:, k - 1, 1], Ps[:, k]
         if _use_rows(C):
             for t in (S, P, P2, P3, Pn):
                 _check_square(t, C)
-            bm, bn, bk, nw = _rows_blocks(C)
+            bm, bn, bk, nw = _rows_blocks(C, prec)
             _ns_fwd_rows_kernel[(triton.cdiv(C, bm), B)](
                 P, P2, P3, Pn, S, C, P.stride(0), P2.stride(0), P3.stride(0), Pn.stride(0),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=dot_precision(), num_warps=nw)
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREC=prec, num_warps=nw)
         else:
             ns_mm(P2, [(P, P)], sym=True)
             ns_mm(P3, [(P2, P)], sym=True)
@@ -226,17 +228,18 @@ def newton_schulz_bwd(G: torch.Tensor, S: torch.Tensor, Ps: torch.Tensor, Pp: to
     if T == 0:
         return Sbar
     H, U, G2 = torch.empty_like(G), torch.empty_like(G), torch.empty_like(G)
+    prec = dot_precision()
     for k in range(T, 1, -1):
         Bk, B2, B3 = Ps[:, k - 2], Pp[:, k - 2, 0], Pp[:, k - 2, 1]
         if _use_rows(C):
             for t in (G, S, H, U, G2, Sbar, Bk, B2, B3):
                 _check_square(t, C)
-            bm, bn, bk, nw = _rows_blocks(C)
+            bm, bn, bk, nw = _rows_blocks(C, prec)
             grid = (triton.cdiv(C, bm), B)
             _ns_bwd_rows_a_kernel[grid](Sbar, H, G, S, B3, C, B3.stride(0), BLOCK_M=bm, BLOCK_N=bn,
-                                        BLOCK_K=bk, PREC=dot_precision(), num_warps=nw)
+                                        BLOCK_K=bk, PREC=prec, num_warps=nw)
             _ns_bwd_rows_b_kernel[grid](G2, U, G, H, Bk, B2, C, Bk.stride(0), B2.stride(0), BLOCK_M=bm,
-                                        BLOCK_N=bn, BLOCK_K=bk, PREC=dot_precision(), num_warps=nw)
+                                        BLOCK_N=bn, BLOCK_K=bk, PREC=prec, num_warps=nw)
         else:
             ns_mm(Sbar, [(B3, G)], alpha=-0.5, z=Sbar, beta=1.0)
             ns_mm(H, [(G, S)])

@@ -71,7 +71,7 @@ def column_variances(y_obs: torch.Tensor):
     mean = torch.empty_like(v)
     _colvar_kernel[(triton.cdiv(C, bc), B)](y_obs, v, mean, N, C, *y_obs.stride(),
                                             BLOCK_N=block(N, gpu=64, interp=256), BLOCK_C=bc,
-                                            num_warps=num_warps(bc * bc, False, aligned(N, C, *strides(y_obs))))
+                                            num_warps=num_warps(bc * bc, is_aligned=aligned(N, C, *strides(y_obs))))
     return v, mean
 
 

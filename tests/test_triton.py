@@ -297,10 +297,11 @@ def test_dot_precision_modes(dot_mode, monkeypatch):
     for mode in ("tf32x3", "tf32", "ieee"):
         intl_ops.set_dot_precision(mode)
         assert _common.dot_precision() == mode
-    assert not _common.half_dot(torch.float16)  # ieee: fp16/bf16 tiles upcast too
+    assert not _common.half_dot(torch.float16, _common.dot_precision())  # ieee: fp16/bf16 tiles upcast too
     intl_ops.set_dot_precision("auto")
-    assert _common.half_dot(torch.float16) and not _common.half_dot(torch.float32)
-    assert _common.half_dot(torch.bfloat16) == (not _common.interpreting())
+    prec = _common.dot_precision()
+    assert _common.half_dot(torch.float16, prec) and not _common.half_dot(torch.float32, prec)
+    assert _common.half_dot(torch.bfloat16, prec) == (not _common.interpreting())
     monkeypatch.setenv("INTL_OPS_DOT_PRECISION", "ieee")
     assert _common.dot_precision() == "ieee"
     monkeypatch.setenv("INTL_OPS_DOT_PRECISION", "fast")
