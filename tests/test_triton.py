@@ -341,16 +341,31 @@ def _sigma_error(a: torch.Tensor) -> float:
     return _err(S * tr[:, None, None], sigma64)
 
 
+SIGMA_BOUND = 4 * torch.finfo(torch.float32).eps  # relative to max |Sigma|
+
+
+def _large_mean_observations(N: int) -> torch.Tensor:
+    return torch.randn(1, N, 8, device=DEV) * 2 + 10  # mean 5x the spread
+
+
 @pytest.mark.parametrize("N", [1024, 8192, 65536])
 def test_covariance_error_does_not_grow_with_n(N):
-    """Sigma within 4 fp32 ulps (relative to max |Sigma|) of float64 at every N, for data whose mean is
-    5x its spread. Rows are split into chunks of at most MAX_SPLIT_ROWS summed in a fixed order and
-    shifted by the mean of the first rows; one sequential sum shifted by the first row (the former
-    kernel) gave 5.9e-6 at N = 65536 here."""
+    """Sigma within 4 fp32 ulps of float64 at every N, for data whose mean is 5x its spread. Rows are
+    split into chunks of at most MAX_SPLIT_ROWS summed in a fixed order and shifted by the mean of the
+    first rows (test_covariance_bound_catches_one_long_sum shows the bound fails without both)."""
     if not HAS_CUDA:  # the interpreter's programs run one by one: chunks only for accuracy
-        assert covariance.split_rows(N, 8, 1, 128, 16, torch.device(DEV))[0] == -(-N // covariance.MAX_SPLIT_ROWS)
-    a = torch.randn(1, N, 8, device=DEV) * 2 + 10
-    assert _sigma_error(a) <= 4 * torch.finfo(torch.float32).eps
+        bn, bc = _common.block(N, gpu=32), _common.block(8, gpu=64)  # as covariance_fwd picks them
+        assert covariance.split_rows(N, 8, 1, bn, bc, torch.device(DEV))[0] == -(-N // covariance.MAX_SPLIT_ROWS)
+    assert _sigma_error(_large_mean_observations(N)) <= SIGMA_BOUND
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the rows are split to fill the SMs whatever MAX_SPLIT_ROWS says")
+def test_covariance_bound_catches_one_long_sum(monkeypatch):
+    """The former kernel's scheme, one sequential sum over all rows shifted by the first row, breaks the
+    bound above at N = 65536 (5.9e-6 measured here): that test can fail."""
+    monkeypatch.setattr(covariance, "MAX_SPLIT_ROWS", 10**9)
+    monkeypatch.setattr(covariance, "SHIFT_ROWS", 1)
+    assert _sigma_error(_large_mean_observations(65536)) > SIGMA_BOUND
 
 
 def test_covariance_stores_an_exactly_symmetric_sigma(poisoned):
