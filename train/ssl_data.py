@@ -3,12 +3,18 @@
 Every sample's augmentation is seeded by (seed, epoch, index), and the sampler yields (index, epoch)
 pairs, so the crops of a sample do not depend on the world size, the number of workers or the
 point a run was resumed from: a 2-process run sees exactly the global batches of a 1-process run.
+
+ImageFolder crops (FolderViews) are made by the official INTL augmentations on PIL images and leave the
+workers as uint8 tensors, a quarter of float32's bytes; to_model_input turns them into normalised float32
+on the device. The digits, synthetic and evaluation datasets give normalised float tensors.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -126,29 +132,108 @@ def load_rgb(path: str):
         raise DataError(f"unreadable image {path!r}: {type(e).__name__}: {e}") from e
 
 
-def crop_scales(sizes: list[int], base: int) -> list[tuple[float, float]]:
-    """Area range of each crop: (0.2, 1) for full-size crops, shrunk in proportion to size / base for
-    smaller multi-crops (SPEC only fixes 0.2-1 for the 224 crops; this proportional rule is ours)."""
-    return [(0.2 * min(1.0, s / base), min(1.0, s / base)) for s in sizes]
+@dataclass(frozen=True)
+class CropSpec:
+    """One crop of the SSL views: output side, RandomResizedCrop area range, blur and solarisation chances."""
+
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float
 
 
-def ssl_transform(size: int, scale: tuple[float, float], blur_p: float = 0.5, solarize_p: float = 0.1):
-    """One SPEC section 7 crop: RandomResizedCrop, flip, ColorJitter p 0.8, grayscale p 0.2,
-    Gaussian blur p 0.5 (kernel ~10% of the crop), solarisation p 0.1, then normalise."""
+def two_crop_specs(size: int, scale: tuple[float, float] = (0.08, 1.0), blur: tuple[float, float] = (1.0, 0.1),
+                   solarize: tuple[float, float] = (0.0, 0.2)) -> list[CropSpec]:
+    """The official asymmetric 2-crop recipe of plain INTL on ImageNet (BYOL's): the first view is always
+    blurred and never solarised, the second is blurred with p 0.1 and solarised with p 0.2."""
+    return [CropSpec(size, tuple(scale), b, s) for b, s in zip(blur, solarize)]
+
+
+MULTI_CROP_SIDES = (192, 160, 128, 96)  # the official INTL-M small crops, for 224 crops
+
+
+def multi_crop_specs(size: int, base: int = 224) -> list[CropSpec]:
+    """The official INTL-M multi-crop: 2 crops of `size` (area 0.2-1) and 4 smaller ones whose side and
+    area range shrink by c / base for c in 192, 160, 128, 96 (official table: min area 0.2/0.171/0.143/
+    0.114/0.086, max 1/0.857/0.714/0.571/0.429); blur p 0.5 and solarisation p 0.1 for every crop."""
+    specs = [CropSpec(size, (0.2, 1.0), 0.5, 0.1)] * 2
+    for c in MULTI_CROP_SIDES:
+        f = c / base
+        specs.append(CropSpec(round(size * f), (0.2 * f, f), 0.5, 0.1))
+    return specs
+
+
+class RandomPILBlur:
+    """PIL Gaussian blur with probability p, sigma ~ U(0.1, 2). Both numbers are always drawn from torch's
+    global generator (seeded per sample), so the draws of the transforms after it do not depend on p."""
+
+    def __init__(self, p: float, sigma: tuple[float, float] = (0.1, 2.0)):
+        self.p, self.sigma = p, sigma
+
+    def __call__(self, img):
+        from PIL import ImageFilter
+
+        apply, u = torch.rand(2).tolist()
+        if apply >= self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p}, sigma={self.sigma})"
+
+
+class RandomPILSolarize:
+    """PIL solarisation (pixels >= 128 -> 255 - pixel) with probability p, one draw from torch's generator."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img):
+        from PIL import ImageOps
+
+        return ImageOps.solarize(img, 128) if torch.rand(()).item() < self.p else img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p})"
+
+
+def ssl_transform(spec: CropSpec):
+    """One crop of the official INTL (BYOL) pipeline, on a PIL image, in the official order: bicubic
+    RandomResizedCrop, ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2, blur, solarisation,
+    horizontal flip; then a uint8 (3, size, size) tensor. Every step stays in PIL (torchvision's v2
+    kernels for PIL images are PIL's own; its v2 GaussianBlur is not, hence RandomPILBlur). The float
+    conversion and normalisation happen on the device: see to_model_input."""
     from torchvision.transforms import v2
 
-    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
     return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(size, scale=scale, antialias=True),
-        v2.RandomHorizontalFlip(),
+        v2.RandomResizedCrop(spec.size, scale=spec.scale, interpolation=v2.InterpolationMode.BICUBIC),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
-        v2.RandomSolarize(threshold=128, p=solarize_p),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        RandomPILBlur(spec.blur_p),
+        RandomPILSolarize(spec.solarize_p),
+        v2.RandomHorizontalFlip(p=0.5),
+        v2.PILToTensor(),
     ])
+
+
+@functools.lru_cache(maxsize=None)
+def _normalize_affine(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) on `device` with (x / 255 - mean) / std == x * scale + shift, made once per device."""
+    mean, std = torch.tensor(IMAGENET_MEAN, dtype=torch.float64), torch.tensor(IMAGENET_STD, dtype=torch.float64)
+    scale, shift = 1 / (255 * std), -mean / std
+    return (scale.view(1, 3, 1, 1).to(device, torch.float32), shift.view(1, 3, 1, 1).to(device, torch.float32))
+
+
+def to_model_input(x: torch.Tensor, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """A batch as the network's input on `device`. uint8 batches (FolderViews crops: 4x fewer bytes to
+    move than float32) become float32 there, normalised with the ImageNet mean/std; float batches (digits,
+    synthetic views, evaluation images) are already normalised and only move. Then `memory_format`."""
+    x = x.to(device, non_blocking=True)
+    if x.dtype != torch.uint8:
+        return x.contiguous(memory_format=memory_format)
+    scale, shift = _normalize_affine(x.device)
+    # one conversion (dtype and layout together), then in-place ops, which keep the layout
+    return x.to(torch.float32, memory_format=memory_format).mul_(scale).add_(shift)
 
 
 def eval_transform(size: int):
@@ -159,14 +244,15 @@ def eval_transform(size: int):
 
 
 class FolderViews(Dataset):
-    """ImageFolder images -> (list of crops, label); items are (index, epoch) pairs, so each sample's
-    crops are drawn from a generator seeded by (seed, epoch, index), in any worker."""
+    """ImageFolder images -> (list of uint8 crops, one per CropSpec, label); items are (index, epoch) pairs,
+    so each sample's crops are drawn from torch's generator seeded by (seed, epoch, index), in any worker."""
 
-    def __init__(self, root: str, split: str, sizes: list[int], seed: int, base_size: int):
+    def __init__(self, root: str, split: str, crops: list[CropSpec], seed: int):
         from torchvision.datasets import ImageFolder
 
         self.folder = ImageFolder(check_image_folder(root, split), loader=load_rgb)
-        self.transforms = [ssl_transform(s, sc) for s, sc in zip(sizes, crop_scales(sizes, base_size))]
+        self.crops = list(crops)
+        self.transforms = [ssl_transform(c) for c in self.crops]
         self.seed = seed
 
     def __len__(self) -> int:
@@ -176,8 +262,11 @@ class FolderViews(Dataset):
         index, epoch = item
         path, label = self.folder.samples[index]
         img = load_rgb(path)
-        with torch.random.fork_rng(devices=[]):  # v2 transforms draw from torch's global generator
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+        # The transforms draw from torch's global CPU generator: seed it for this sample and restore it
+        # after. Only the CPU one: torch.manual_seed would also (re)seed the CUDA generators, which
+        # fork_rng(devices=[]) does not restore (the training's, with workers=0), and costs ~1 ms.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             return [t(img) for t in self.transforms], label
 
 
@@ -201,10 +290,12 @@ class FolderImages(Dataset):
 
 
 class SyntheticViews(Dataset):
-    """Random images (pipeline and throughput checks without data): crops of the given sizes."""
+    """Random images (pipeline and throughput checks without data): crops of the given sizes, normal
+    floats, or with uint8=True random uint8 pixels like FolderViews' crops (to_model_input normalises)."""
 
-    def __init__(self, n: int, sizes: list[int], channels: int, seed: int, n_classes: int = 10):
+    def __init__(self, n: int, sizes: list[int], channels: int, seed: int, n_classes: int = 10, uint8: bool = False):
         self.n, self.sizes, self.channels, self.seed, self.n_classes = n, sizes, channels, seed, n_classes
+        self.uint8 = uint8
 
     def __len__(self) -> int:
         return self.n
@@ -212,7 +303,11 @@ class SyntheticViews(Dataset):
     def __getitem__(self, item):
         index, epoch = item
         g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-        return [torch.randn(self.channels, s, s, generator=g) for s in self.sizes], index % self.n_classes
+        if self.uint8:
+            crops = [torch.randint(0, 256, (self.channels, s, s), generator=g, dtype=torch.uint8) for s in self.sizes]
+        else:
+            crops = [torch.randn(self.channels, s, s, generator=g) for s in self.sizes]
+        return crops, index % self.n_classes
 
 
 class TensorImages(Dataset):
