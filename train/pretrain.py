@@ -3,11 +3,14 @@
 Weng et al., ICLR 2024) with intl_ops.intl_loss, on one CPU process or many GPUs under torchrun.
 
     python train/pretrain.py                                     # the bundled digits demo (make train)
-    torchrun --nproc_per_node 8 train/pretrain.py --data /imagenet --arch resnet50 --ema 0.996 --multi-crop
+    torchrun --nproc_per_node 8 train/pretrain.py --data /imagenet --preset intl-m-imagenet-100ep
+    python train/pretrain.py --preset intl-m-imagenet-800ep --data /imagenet --print-config
 
-Flags left unset take per-dataset defaults (digits: small CNN, 40 epochs; ImageFolder: SPEC section 7,
-ResNet-50, 100 epochs); `--help` states them. The run folder holds run.json (args, versions, git SHA),
-log.jsonl, TensorBoard scalars, ckpt_*.pt, plots and summary.json. The last printed line is a JSON summary.
+Flags left unset take the preset's values (--preset: the official recipes), else per-dataset defaults
+(digits: small CNN, 40 epochs; ImageFolder: the official ImageNet recipe, ResNet-50); `--help` states
+them. The run folder holds run.json (args, versions, git SHA), log.jsonl, TensorBoard scalars, ckpt_*.pt,
+plots and summary.json. The last printed line is a JSON summary. SIGTERM / SIGUSR1 save a checkpoint
+and exit cleanly; rerunning the same command continues the run.
 """
 from __future__ import annotations
 
@@ -23,45 +26,73 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # intl_ops from the repo root
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import intl_ops
-from ssl_data import (DataError, DigitsViews, EpochSampler, FolderImages, FolderViews, SyntheticViews, TensorImages,
-                      check_image_folder, digits_normalize, load_digits_split)
+from ssl_data import (CropSpec, DataError, DigitsViews, EpochSampler, FolderImages, FolderViews, SyntheticViews,
+                      TensorImages, check_image_folder, digits_normalize, load_digits_split, to_model_input)
 from ssl_models import (ARCHS, INTLNet, convert_sync_bn, embedding_effective_rank, extract_features, knn_accuracy,
                         linear_probe_accuracy, shard_sampler)
-from ssl_run import (JsonLog, atomic_save, barrier, check_same_run, checkpoint_path, cleanup, init_distributed,
-                     prune_checkpoints, read_jsonl, resolve_resume, run_metadata)
+from ssl_run import (JsonLog, Progress, StopRequest, atomic_save, barrier, check_same_run, checkpoint_path,
+                     cleanup, clear_checkpoints, good_checkpoints, init_distributed, make_output_dir,
+                     prune_checkpoints, read_jsonl, resolve_resume, run_cli, run_metadata)
 
 PROJECTOR = {"cnn": "512-512-512", "resnet18": "2048-2048-2048", "resnet50": "8192-8192-8192"}  # SPEC section 7
-BASE_LR = {"cnn": 0.3, "resnet18": 0.3, "resnet50": 0.5}
+BASE_LR = {"cnn": 0.3, "resnet18": 0.3, "resnet50": "0.5 up to 100 epochs, 0.4 up to 400, else 0.3"}
 WEIGHT_DECAY = {"cnn": 1e-5, "resnet18": 1e-4, "resnet50": 1e-5}
-# Flags that may change between a checkpoint and its resumption (everything else must match).
+MULTI_CROPS = (192, 160, 128, 96)  # the extra multi-crop sizes at 224 px, scaled with --image-size
+# The official recipes (winci-ai/INTL scripts/*.sh and cfg.py) and the paper's linear top-1 for each.
+PRESETS = {
+    **{f"intl-m-imagenet-{e}ep": dict(arch="resnet50", epochs=e, base_lr=lr, ema=0.996, multi_crop=True,
+                                      published=f"{top1} % ImageNet linear top-1 (ResNet-50, INTL-M, multi-crop)")
+       for e, lr, top1 in ((100, 0.5, 73.5), (200, 0.4, 75.2), (400, 0.4, 76.1), (800, 0.3, 76.6))},
+    "intl-imagenet-800ep": dict(arch="resnet50", epochs=800, base_lr=0.3, published="73.1 % ImageNet linear top-1 (ResNet-50)"),
+    "intl-imagenet100-400ep": dict(arch="resnet18", batch_size=128, projector="4096-4096-4096", epochs=400, base_lr=0.5,
+                                   weight_decay=2.5e-5, published="81.68 % ImageNet-100 linear top-1 (ResNet-18)"),
+    **{f"intl-{name}-1000ep": dict(arch="resnet18", image_size=32, projector="2048-2048-2048", epochs=1000, base_lr=0.3,
+                                   weight_decay=1e-4, blur_prob=[0.0], published=f"{top1} % {name.upper()} linear top-1 (ResNet-18)")
+       for name, top1 in (("cifar10", 92.60), ("cifar100", 70.88))},
+}
+# Flags that may change between a checkpoint and its resumption (everything else must match). The data
+# may move (e.g. to node-local disk); its size is checked instead.
 RESUME_FREE = {"output_dir", "resume", "workers", "log_every", "eval_every", "ckpt_every_steps", "keep_checkpoints",
-               "compile", "device", "max_steps", "tensorboard", "crash_at_step", "nan_at_step", "knn_bank", "knn_queries"}
+               "compile", "device", "max_steps", "tensorboard", "crash_at_step", "nan_at_step", "knn_bank", "knn_queries",
+               "knn_k", "data", "backend", "print_config", "preset", "published"}
+REQUIRED = ("net", "optimizer", "step", "args")  # what a pretrain checkpoint must hold
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="an official recipe: it sets the flags you leave "
+                   "unset (see --print-config); its published figure is in train/README.md")
+    p.add_argument("--print-config", action="store_true", help="print the resolved flags as JSON and exit")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["digits", "imagefolder", "synthetic"],
                    help="default: imagefolder when --data is given, else digits (sklearn's 1797 8x8 images, no download)")
     g.add_argument("--data", help="ImageFolder root with train/<class>/<img> and (for the kNN monitor) val/")
     g.add_argument("--image-size", type=int, help="crop size: 8 for digits, 224 otherwise (32 for CIFAR-like data)")
-    g.add_argument("--multi-crop", action="store_true", help="SPEC's multi-crop: 2 crops of --image-size plus "
-                   "crops of 192, 160, 128, 96 scaled by --image-size/224 (area ranges shrink with the size)")
+    g.add_argument("--multi-crop", action="store_true", default=None, help="the official multi-crop: 2 crops of "
+                   "--image-size plus crops of 192, 160, 128, 96 scaled by --image-size/224, area scale (0.2 c/224, c/224)")
+    g.add_argument("--crop-min-scale", type=float, help="smallest crop area of the two large crops: 0.08 (0.2 with --multi-crop)")
+    g.add_argument("--blur-prob", type=float, nargs="+", help="Gaussian blur probability per crop (one value: all "
+                   "crops): 1.0 0.1 for two crops (the asymmetric BYOL recipe), 0.5 for every multi-crop")
+    g.add_argument("--solarize-prob", type=float, nargs="+", help="solarisation probability per crop: 0.0 0.2 for "
+                   "two crops, 0.1 for every multi-crop")
     g.add_argument("--workers", type=int, help="DataLoader workers per process: 0 for digits, else 8")
     g.add_argument("--synthetic-size", type=int, default=4096, help="samples of --dataset synthetic")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHS, help="cnn (small, digits default) or torchvision resnet18/resnet50 (default)")
     g.add_argument("--small-stem", action=argparse.BooleanOptionalAction,
                    help="ResNet CIFAR variant (3x3 stride-1 stem, no max-pool); default: on when --image-size <= 64")
+    g.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
+                   help="zero-init each residual branch's last BN (off, as in the official code)")
     g.add_argument("--projector", help="hidden-...-embedding sizes; default per SPEC section 7: " + str(PROJECTOR))
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on for CUDA")
-    g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    g.add_argument("--compile", action="store_true", help="torch.compile the (DDP-wrapped) network")
     g = p.add_argument_group("objective (SPEC section 4)")
-    g.add_argument("--ema", type=float, default=0.0, help="INTL-M: EMA target encoder with base momentum m0 "
+    g.add_argument("--ema", type=float, help="INTL-M: EMA target encoder with base momentum m0 "
                    "(0.996 on ImageNet), m_t = 1 - (1 - m0)(1 + cos(pi t/T))/2; 0 (default) = plain INTL")
     g.add_argument("--iters", type=int, default=4, help="IterNorm Newton steps T")
     g.add_argument("--axis", type=int, choices=[0, 1], default=0, help="0: whiten the samples (reference), 1: the features")
@@ -78,11 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", help="default: runs/<dataset>-<arch>-<intl|intlm>")
-    g.add_argument("--resume", default="auto", help="auto: newest good checkpoint of --output-dir (fresh if none); "
-                   "none: start over (old checkpoints there are deleted); or a checkpoint file")
+    g.add_argument("--resume", default="auto", help="auto: newest good checkpoint of --output-dir (a fresh start if "
+                   "it has none; refused if it has some and none loads); none: start over (deletes its checkpoints); "
+                   "or a checkpoint file")
     g.add_argument("--ckpt-every-steps", type=int, default=0, help="also checkpoint every N steps (0: every epoch only)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
-    g.add_argument("--log-every", type=int, help="steps between log.jsonl / TensorBoard records: 1 for digits, else 10")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="newest good checkpoints kept (unreadable files are never deleted)")
+    g.add_argument("--log-every", type=int, help="steps between log.jsonl / TensorBoard records and, when stderr is "
+                   "not a terminal, progress lines: 1 for digits, else 10")
     g.add_argument("--eval-every", type=int, default=10, help="epochs between kNN monitor runs (0: only at the end)")
     g.add_argument("--knn-k", type=int, help="neighbours of the kNN monitor: 5 for digits, 20 otherwise")
     g.add_argument("--knn-bank", type=int, default=20000, help="training images in the kNN bank (ImageFolder)")
@@ -95,10 +128,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--nan-at-step", type=int, help="make the loss of step N non-finite (failure-path tests)")
     a = p.parse_args(argv)
 
+    preset = PRESETS.get(a.preset, {})
+    for key, value in preset.items():  # the preset fills what the command line left unset
+        if getattr(a, key, None) is None:
+            setattr(a, key, value)
+    a.published = preset.get("published")
     a.dataset = a.dataset or ("imagefolder" if a.data else "digits")
     digits = a.dataset == "digits"
     if a.dataset == "imagefolder" and not a.data:
         p.error("--dataset imagefolder needs --data ROOT (an ImageFolder root with train/ and val/)")
+    if a.preset and digits:
+        p.error(f"--preset {a.preset} is an ImageFolder recipe: pass --data ROOT")
     a.arch = a.arch or ("cnn" if digits else "resnet50")
     a.image_size = (8 if digits else 224) if a.image_size is None else a.image_size
     a.small_stem = a.image_size <= 64 if a.small_stem is None else a.small_stem
@@ -106,18 +146,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.workers = (0 if digits else 8) if a.workers is None else a.workers
     a.epochs = (40 if digits else 100) if a.epochs is None else a.epochs
     a.batch_size = (128 if digits else 256) if a.batch_size is None else a.batch_size
-    a.base_lr = BASE_LR[a.arch] if a.base_lr is None else a.base_lr
+    a.base_lr = default_base_lr(a.arch, a.epochs) if a.base_lr is None else a.base_lr
     a.weight_decay = WEIGHT_DECAY[a.arch] if a.weight_decay is None else a.weight_decay
+    a.ema = a.ema or 0.0
+    a.multi_crop = bool(a.multi_crop)
     a.knn_k = (5 if digits else 20) if a.knn_k is None else a.knn_k
     a.log_every = (1 if digits else 10) if a.log_every is None else a.log_every
     s = a.image_size
-    a.crops = [s, s] + ([round(s * c / 224) for c in (192, 160, 128, 96)] if a.multi_crop else [])
-    a.output_dir = a.output_dir or os.path.join("runs", f"{a.dataset}-{a.arch}-{'intlm' if a.ema else 'intl'}")
+    a.crops = [s, s] + ([round(s * c / 224) for c in MULTI_CROPS] if a.multi_crop else [])
+    n = len(a.crops)
+    if digits:  # the digits have their own augmentation (ssl_data.digits_augment)
+        a.crop_min_scale = a.blur_prob = a.solarize_prob = a.crop_scales = None
+    else:
+        a.crop_min_scale = (0.2 if a.multi_crop else 0.08) if a.crop_min_scale is None else a.crop_min_scale
+        a.crop_scales = [[a.crop_min_scale, 1.0]] * 2 + [[a.crop_min_scale * c / 224, c / 224] for c in MULTI_CROPS][:n - 2]
+        a.blur_prob = a.blur_prob or ([0.5] if a.multi_crop else [1.0, 0.1])
+        a.solarize_prob = a.solarize_prob or ([0.1] if a.multi_crop else [0.0, 0.2])
+        a.blur_prob, a.solarize_prob = (v * n if len(v) == 1 else v for v in (a.blur_prob, a.solarize_prob))
+    a.output_dir = a.output_dir or os.path.join("runs", a.preset or f"{a.dataset}-{a.arch}-{'intlm' if a.ema else 'intl'}")
+    probs = (a.blur_prob or []) + (a.solarize_prob or [])
     problems = [
         (digits and (s != 8 or a.multi_crop), "--dataset digits works on its 8x8 images: no --image-size or --multi-crop"),
         (not all(x.isdigit() and int(x) > 0 for x in a.projector.split("-")),
          f"--projector must be sizes joined by '-', e.g. 2048-2048-2048, got {a.projector!r}"),
         (min(a.crops) < 4, f"--image-size {s} is too small (crops down to {min(a.crops)} px)"),
+        (not digits and (len(a.blur_prob) != n or len(a.solarize_prob) != n),
+         f"--blur-prob and --solarize-prob take one value or one per crop ({n} crops)"),
+        (not all(0 <= q <= 1 for q in probs), "--blur-prob and --solarize-prob must be in [0, 1]"),
+        (not digits and not 0 < a.crop_min_scale <= 1, f"--crop-min-scale must be in (0, 1], got {a.crop_min_scale}"),
         (a.epochs < 1 or a.batch_size < 2, "--epochs must be >= 1 and --batch-size >= 2"),
         (a.knn_k < 1 or a.log_every < 1 or a.ckpt_every_steps < 0 or a.keep_checkpoints < 1 or a.eval_every < 0,
          "--knn-k, --log-every and --keep-checkpoints must be >= 1, --ckpt-every-steps and --eval-every >= 0"),
@@ -129,7 +185,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     for bad, msg in problems:
         if bad:
             p.error(msg)
+    if a.print_config:
+        print(json.dumps(vars(a), indent=1))
+        sys.exit(0)
     return a
+
+
+def default_base_lr(arch: str, epochs: int) -> float:
+    """The official lr per epoch budget for ResNet-50 on ImageNet (0.5 / 0.4 / 0.4 / 0.3 at 100 / 200 / 400 / 800)."""
+    if arch != "resnet50":
+        return BASE_LR[arch]
+    return 0.5 if epochs <= 100 else 0.4 if epochs <= 400 else 0.3
 
 
 def main(argv=None) -> dict:
@@ -142,18 +208,26 @@ def main(argv=None) -> dict:
 
 
 def pretrain(args, d) -> dict:
-    t_start = time.time()
+    t_start, cuda = time.time(), d.device.type == "cuda"
     if args.batch_size % d.world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {d.world} processes")
-    local_bs, cuda = args.batch_size // d.world, d.device.type == "cuda"
-    amp = args.amp == "bf16" or (args.amp == "auto" and cuda)
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {d.world} processes "
+                         f"(each takes batch-size / {d.world} samples)")
+    try:
+        backend = intl_ops.backends.resolve(args.backend, d.device)
+    except RuntimeError as e:
+        raise ValueError(f"--backend {args.backend}: {e}") from None
+    make_output_dir(args.output_dir)
+    local_bs, amp = args.batch_size // d.world, args.amp == "bf16" or (args.amp == "auto" and cuda)
     channels_last = cuda if args.channels_last is None else args.channels_last
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels once
 
     # Data: a sampler whose global batches do not depend on the number of processes.
     train_set, bank_set, query_set, in_channels = build_datasets(args)
     sampler = EpochSampler(train_set, d.world, d.rank, args.seed)
     loader = DataLoader(train_set, batch_size=local_bs, sampler=sampler, num_workers=args.workers, pin_memory=cuda,
-                        persistent_workers=args.workers > 0, drop_last=True)
+                        persistent_workers=args.workers > 0, drop_last=True, prefetch_factor=4 if args.workers else None)
     steps_per_epoch = sampler.num_samples // local_bs
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_set)} training samples give no full batch of {args.batch_size}: lower --batch-size")
@@ -162,12 +236,11 @@ def pretrain(args, d) -> dict:
 
     # Model: backbone + projector (+ its EMA copy for INTL-M); global-batch BN across processes.
     torch.manual_seed(args.seed)
-    net = INTLNet(args.arch, args.projector, in_channels, args.small_stem)
+    net = INTLNet(args.arch, args.projector, in_channels, args.small_stem, args.zero_init_residual)
     ema = copy.deepcopy(net).requires_grad_(False) if args.ema else None
     if d.world > 1:
         net = convert_sync_bn(net, d.device)
         ema = convert_sync_bn(ema, d.device) if ema is not None else None
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(d.device, memory_format=fmt)
     ema = ema.to(d.device, memory_format=fmt) if ema is not None else None
     decay, no_decay = [], []
@@ -177,25 +250,27 @@ def pretrain(args, d) -> dict:
                                  {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr, momentum=0.9)
 
     # Resume (or start over), then the run folder's metadata and logs.
-    state, resumed_from = resolve_resume(args.resume, args.output_dir, ("net", "optimizer", "step"))
+    state, resumed_from = resolve_resume(args.resume, args.output_dir, REQUIRED)
     step, train_seconds = 0, 0.0
     if state is not None:
         check_same_run(state["args"], vars(args), RESUME_FREE, resumed_from)
+        if state.get("n_train", len(train_set)) != len(train_set):
+            raise DataError(f"the training data holds {len(train_set)} images, the run of {resumed_from} had "
+                            f"{state['n_train']}: the sample order would differ (pass the same data or a new --output-dir)")
         net.load_state_dict(state["net"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         step, train_seconds = state["step"], state["train_seconds"]
     if d.main:
-        os.makedirs(args.output_dir, exist_ok=True)
         if args.resume == "none":
-            prune_checkpoints(args.output_dir, 0)
+            clear_checkpoints(args.output_dir)
         with open(os.path.join(args.output_dir, "run.json"), "w") as f:
             json.dump({**run_metadata(vars(args), d), "resumed_from": resumed_from, "start_step": step}, f, indent=1)
         print(f"{args.dataset} {args.arch}: {len(train_set)} images, {steps_per_epoch} steps/epoch x {args.epochs}, "
               f"global batch {args.batch_size} on {d.world} x {d.device}, peak lr {peak_lr:g}, "
-              f"{'INTL-M' if args.ema else 'INTL'} with crops {args.crops}, backend "
-              f"{intl_ops.backends.resolve(args.backend, d.device)}" + (f"; resumed from {resumed_from}" if resumed_from else ""),
+              f"{'INTL-M' if args.ema else 'INTL'} with crops {args.crops}, backend {backend}"
+              + (f", preset {args.preset}" if args.preset else "") + (f"; resumed from {resumed_from}" if resumed_from else ""),
               file=sys.stderr)
         # The logs restart where the weights do: records of steps after the checkpoint (redone now) go.
         log_path = os.path.join(args.output_dir, "log.jsonl")
@@ -205,76 +280,92 @@ def pretrain(args, d) -> dict:
     barrier(d)
     log = JsonLog(os.path.join(args.output_dir, "log.jsonl") if d.main else None)
     tb = open_tensorboard(args, step) if d.main else None
+    # DDP buckets are views into the gradients (no copy); the graph is the same every step. torch.compile
+    # goes around DDP so that its optimizer splits the graph at the buckets' boundaries.
+    model = DistributedDataParallel(net, device_ids=[d.device.index] if cuda else None, broadcast_buffers=False,
+                                    gradient_as_bucket_view=True, static_graph=True) if d.world > 1 else net
     if args.compile:
-        net.compile()
-    model = DistributedDataParallel(net, device_ids=[d.device.index] if cuda else None, broadcast_buffers=False) \
-        if d.world > 1 else net
+        model = torch.compile(model)
 
-    def save(tag: str) -> None:
+    def save(tag: str) -> str:
+        path = checkpoint_path(args.output_dir, step)
         if d.main:
             atomic_save({"net": net.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                          "optimizer": optimizer.state_dict(), "step": step, "epoch": step / steps_per_epoch,
-                         "train_seconds": train_seconds + time.time() - t_loop, "args": vars(args), "tag": tag},
-                        checkpoint_path(args.output_dir, step))
-            prune_checkpoints(args.output_dir, args.keep_checkpoints)
+                         "train_seconds": train_seconds + time.time() - t_loop, "args": vars(args),
+                         "n_train": len(train_set), "tag": tag}, path)
+            prune_checkpoints(args.output_dir, args.keep_checkpoints, REQUIRED)
         barrier(d)
+        return path
 
-    # The loop: one global batch per step, a checkpoint every epoch (and every N steps).
+    # The loop: one global batch per step, a checkpoint every epoch (and every N steps, and on SIGTERM).
+    stop = StopRequest()
     t_loop, last_step = time.time(), min(total_steps, args.max_steps or total_steps)
-    while step < last_step:
-        epoch, done = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, skip=done * local_bs)
-        bar = progress(d, total=steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{args.epochs}")
-        t_window, n_window, t_epoch, first = time.time(), 0, time.time(), step
-        for crops, _ in loader:
-            lr = set_lr(optimizer, step, peak_lr, args.final_lr * peak_lr, args.warmup_epochs * steps_per_epoch, total_steps)
-            crops = [c.to(d.device, non_blocking=True, memory_format=fmt) for c in crops]
-            loss, parts, views = forward_loss(model, ema, crops, args, amp, d.group)
-            if step + 1 == args.nan_at_step:
-                loss = loss * float("nan")
-            loss_value = loss.item()  # the loss is replicated: every rank stops together
-            if not math.isfinite(loss_value):
-                last = resolve_resume("auto", args.output_dir, ("net", "optimizer", "step"))[1] if d.main else None
-                raise FloatingPointError(f"non-finite loss ({loss_value}) at step {step + 1} (epoch {epoch + 1}); "
-                                         f"nothing was updated and the last good checkpoint is kept: {last}. "
-                                         f"Lower --base-lr or check the data, then rerun with --resume auto")
-            # intl_loss gives each rank the gradient of its own samples of the global loss; DDP averages
-            # over ranks, so scale by the world size to get the single-process gradient.
-            optimizer.zero_grad(set_to_none=True)
-            (loss * d.world).backward()
-            optimizer.step()
-            step, n_window = step + 1, n_window + 1
-            momentum = ema_update(ema, net, args.ema, step, total_steps) if ema is not None else None
-            if d.main:
-                ips = n_window * args.batch_size / max(time.time() - t_window, 1e-9)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
+    try:
+        while step < last_step:
+            epoch, done = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch, skip=done * local_bs)
+            bar = Progress(d, steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", initial=done, every=args.log_every)
+            window = Window()
+            for crops, _ in loader:
+                window.data_ready()
+                lr = set_lr(optimizer, step, peak_lr, args.final_lr * peak_lr, args.warmup_epochs * steps_per_epoch, total_steps)
+                crops = [to_model_input(c, d.device, fmt) for c in crops]
+                loss, parts, views = forward_loss(model, ema, crops, args, torch.bfloat16 if amp else None, d.group)
+                if step + 1 == args.nan_at_step:
+                    loss = loss * float("nan")
+                loss_value = loss.item()  # the loss is replicated: every rank stops together
+                if not math.isfinite(loss_value):
+                    last = good_checkpoints(args.output_dir, REQUIRED)[:1] if d.main else None
+                    raise FloatingPointError(f"non-finite loss ({loss_value}) at step {step + 1} (epoch {epoch + 1}); "
+                                             f"nothing was updated and the last good checkpoint is kept: "
+                                             f"{last[0] if last else None}. Lower --base-lr or check the data, "
+                                             f"then rerun with --resume auto")
+                # intl_loss gives each rank the gradient of its own samples of the global loss; DDP averages
+                # over ranks, so scale by the world size to get the single-process gradient.
+                optimizer.zero_grad(set_to_none=True)
+                (loss * d.world).backward()
+                optimizer.step()
+                step += 1
+                momentum = ema_update(ema, net, args.ema, step, total_steps) if ema is not None else None
+                window.step_done(args.batch_size)
+                bar.update(loss=loss_value, lr=lr, **window.last)
                 if step % args.log_every == 0 or step == last_step:
-                    record = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_value,
-                                  align=parts["align"].item(), trace=parts["trace"].item(), beta=parts["beta"], lr=lr,
-                                  images_per_s=ips, eff_rank=embedding_effective_rank(views[0]), ema_momentum=momentum)
-                    log.write(**record)
-                    tb_write(tb, record, step)
-                    t_window, n_window = time.time(), 0
-            if args.ckpt_every_steps and step % args.ckpt_every_steps == 0 and step % steps_per_epoch:
-                save("steps")
-            if step == args.crash_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if step == last_step:
-                break
-        if d.main:
+                    eff_rank = global_effective_rank(views[0], d)  # every rank takes part in the gather
+                    if d.main:
+                        record = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_value,
+                                      align=parts["align"].item(), trace=parts["trace"].item(), beta=parts["beta"],
+                                      lr=lr, eff_rank=eff_rank, ema_momentum=momentum, **window.stats())
+                        log.write(**record)
+                        tb_write(tb, record, step)
+                    window = Window()
+                if args.ckpt_every_steps and step % args.ckpt_every_steps == 0 and step % steps_per_epoch:
+                    save("steps")
+                if step == args.crash_at_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if stop.requested(d):
+                    path = save("signal")
+                    if d.main:
+                        print(f"stopped by {stop.signal_name} after step {step}: {path} saved; run the same "
+                              f"command again to continue", file=sys.stderr)
+                    summary = {"stopped_by": stop.signal_name, "steps": step, "checkpoint": path}
+                    if d.main:
+                        print(json.dumps(summary), flush=True)
+                    return summary
+                if step == last_step:
+                    break
+                window.data_wait()
             bar.close()
-            if bar.disable:  # no live bar (not a terminal): one line per epoch instead
-                print(f"epoch {epoch + 1}/{args.epochs}: loss {loss_value:.4f}, lr {lr:.3g}, "
-                      f"{(step - first) * args.batch_size / (time.time() - t_epoch):.0f} images/s", file=sys.stderr)
-        save("epoch" if step % steps_per_epoch == 0 else "stop")
-        epoch_done = step // steps_per_epoch
-        if args.eval_every and epoch_done % args.eval_every == 0 and step % steps_per_epoch == 0 and step < total_steps:
-            acc = knn_monitor(net.backbone, bank_set, query_set, args, d, channels_last)
-            if d.main and acc is not None:
-                log.write(step=step, epoch=epoch_done, knn_acc=acc)
-                tb_write(tb, {"knn_acc": acc}, step)
-                print(f"epoch {epoch_done}: {args.knn_k}-NN accuracy {acc:.4f}", file=sys.stderr)
+            save("epoch" if step % steps_per_epoch == 0 else "stop")
+            epoch_done = step // steps_per_epoch
+            if args.eval_every and epoch_done % args.eval_every == 0 and step % steps_per_epoch == 0 and step < total_steps:
+                acc = knn_monitor(net.backbone, bank_set, query_set, args, d, channels_last)
+                if d.main and acc is not None:
+                    log.write(step=step, epoch=epoch_done, knn_acc=acc)
+                    tb_write(tb, {"knn_acc": acc}, step)
+                    print(f"epoch {epoch_done}: {args.knn_k}-NN accuracy {acc:.4f}", file=sys.stderr)
+    finally:
+        stop.restore()
     train_seconds += time.time() - t_loop
 
     # Final evaluation (and, on digits, the same architecture at random init for comparison).
@@ -299,6 +390,43 @@ def pretrain(args, d) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+class Window:
+    """Data time vs step time over the steps since the last log record: a loader that cannot keep up
+    shows as a data share near 1 (the GPUs wait for images)."""
+
+    def __init__(self):
+        self.t0 = self.t_wait = time.perf_counter()
+        self.data_s, self.steps, self.images, self.last = 0.0, 0, 0, {}
+
+    def data_wait(self) -> None:  # the step is over; waiting for the next batch starts now
+        self.t_wait = time.perf_counter()
+
+    def data_ready(self) -> None:
+        self.data_s += time.perf_counter() - self.t_wait
+
+    def step_done(self, images: int) -> None:
+        self.steps, self.images = self.steps + 1, self.images + images
+        self.last = {"img_s": round(self.images / max(time.perf_counter() - self.t0, 1e-9)),
+                     "data": f"{self.data_s / max(time.perf_counter() - self.t0, 1e-9):.0%}"}
+
+    def stats(self) -> dict:
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        return {"images_per_s": self.images / wall, "step_time_s": wall / max(self.steps, 1),
+                "data_time_s": self.data_s / max(self.steps, 1), "data_share": self.data_s / wall}
+
+
+@torch.no_grad()
+def global_effective_rank(z: torch.Tensor, d) -> float | None:
+    """Effective rank of the embeddings of the GLOBAL batch (gathered from every rank; on rank 0),
+    so that the collapse signal does not depend on the number of processes."""
+    z = z.detach().float()
+    if d.world > 1:
+        parts = [torch.empty_like(z) for _ in range(d.world)]
+        dist.all_gather(parts, z.contiguous())
+        z = torch.cat(parts)
+    return embedding_effective_rank(z) if d.main else None
+
+
 def build_datasets(args):
     """(train views, kNN bank images, kNN query images, input channels); bank/query None if unavailable."""
     if args.dataset == "digits":
@@ -307,7 +435,9 @@ def build_datasets(args):
                 TensorImages(digits_normalize(x_te), y_te), 1)
     if args.dataset == "synthetic":
         return SyntheticViews(args.synthetic_size, args.crops, 3, args.seed), None, None, 3
-    train = FolderViews(args.data, "train", args.crops, args.seed, args.image_size)
+    specs = [CropSpec(size, tuple(scale), blur, sol)
+             for size, scale, blur, sol in zip(args.crops, args.crop_scales, args.blur_prob, args.solarize_prob)]
+    train = FolderViews(args.data, "train", specs, args.seed)
     if not os.path.isdir(os.path.join(args.data, "val")):
         print(f"warning: {args.data}/val missing: no kNN monitor", file=sys.stderr)
         return train, None, None, 3
@@ -316,11 +446,11 @@ def build_datasets(args):
             FolderImages(args.data, "val", args.image_size, args.knn_queries, args.seed), 3)
 
 
-def forward_loss(model, ema, crops, args, amp: bool, group, loss_fn=intl_ops.intl_loss):
+def forward_loss(model, ema, crops, args, amp_dtype: torch.dtype | None, group, loss_fn=intl_ops.intl_loss):
     """(loss, parts, views) of one batch of crops: INTL on all crops, or INTL-M (crop 0 through the EMA
     encoder without gradient as the target, the other crops through the online network). The network
-    runs under bf16 autocast when amp; the loss op computes in fp32 inside whatever it is given."""
-    with torch.autocast(crops[0].device.type, dtype=torch.bfloat16, enabled=amp):
+    runs under autocast to amp_dtype (None: off); the loss op computes in fp32 inside whatever it is given."""
+    with torch.autocast(crops[0].device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         target = None
         if ema is not None:
             with torch.no_grad():
@@ -372,7 +502,7 @@ def digits_report(net, args, in_channels: int, d) -> dict:
     init, on the held-out digits, plus the spectra of their features (PNG next to the run)."""
     x_tr, y_tr, x_te, y_te = load_digits_split(args.seed)
     torch.manual_seed(args.seed)  # the very initial weights of this run
-    random_net = INTLNet(args.arch, args.projector, in_channels, args.small_stem).to(d.device)
+    random_net = INTLNet(args.arch, args.projector, in_channels, args.small_stem, args.zero_init_residual).to(d.device)
     out, spectra = {}, {}
     for name, model in (("", net), ("random_init_", random_net)):
         model.eval()
@@ -388,13 +518,6 @@ def digits_report(net, args, in_channels: int, d) -> dict:
     intl_ops.plot_spectra(spectra, os.path.join(args.output_dir, "spectrum.png"),
                           title=f"digits held-out features: {args.arch} encoder, eigenvalues of the covariance")
     return out
-
-
-def progress(d, **kw):
-    from tqdm import tqdm
-
-    # A live bar in a terminal; in a log file (CI, batch jobs) tqdm's redraws would be noise.
-    return tqdm(disable=not d.main or not sys.stderr.isatty(), dynamic_ncols=True, leave=False, file=sys.stderr, **kw)
 
 
 def open_tensorboard(args, step: int):
@@ -435,8 +558,4 @@ def plot_loss(losses: dict, path: str, args) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -29,16 +29,17 @@ def small_cnn(in_channels: int, widths: tuple[int, ...] = (32, 32)) -> nn.Module
     return net
 
 
-def build_backbone(arch: str, in_channels: int = 3, small_stem: bool = False) -> nn.Module:
+def build_backbone(arch: str, in_channels: int = 3, small_stem: bool = False, zero_init_residual: bool = False) -> nn.Module:
     """Backbone returning pooled features (attribute num_features). ResNets are torchvision's, with
-    the CIFAR variant (3x3 stride-1 stem, no max-pool) when small_stem, for small images."""
+    the CIFAR variant (3x3 stride-1 stem, no max-pool) when small_stem, for small images. The official
+    INTL code leaves zero_init_residual off (torchvision's default too)."""
     if arch == "cnn":
         return small_cnn(in_channels)
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     import torchvision
 
-    net = getattr(torchvision.models, arch)(zero_init_residual=True)
+    net = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
     if small_stem:
         net.conv1, net.maxpool = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.Identity()
     elif in_channels != 3:
@@ -63,9 +64,9 @@ class INTLNet(nn.Module):
     """backbone + projector; forward(list of crops) -> list of (m, d) embeddings, one pass per crop
     (crops of different sizes give equal-shape embeddings; each crop gets its own BN statistics)."""
 
-    def __init__(self, arch: str, projector: str, in_channels: int, small_stem: bool):
+    def __init__(self, arch: str, projector: str, in_channels: int, small_stem: bool, zero_init_residual: bool = False):
         super().__init__()
-        self.backbone = build_backbone(arch, in_channels, small_stem)
+        self.backbone = build_backbone(arch, in_channels, small_stem, zero_init_residual)
         self.projector = build_projector(self.backbone.num_features, projector)
 
     def forward(self, crops: list[Tensor]) -> list[Tensor]:
