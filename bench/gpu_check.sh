@@ -183,7 +183,8 @@ import json, sys
 for line in sys.stdin:
     r = json.loads(line)
     print(f"{r['arch']}, batch {r['batch_size']} x {r['crops']} crops of {r['image_size']} px, "
-          f"embedding {r['embedding']}, {r['device']}, bf16 autocast {r['amp_bf16']}")
+          f"one of {r['world']} ranks ({r['per_rank_batch']} images each), loss on {r['embedding']}, {r['device']}, "
+          f"autocast {r['amps']}")
     for k, v in r["results"].items():
         print(f"  {k}: " + (v["error"] if "error" in v else
               f"{v['images_per_s']:.1f} images/s, step {v['step_ms']:.1f} ms, loss head {v['loss_head_ms']:.2f} ms "
