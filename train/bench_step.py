@@ -44,7 +44,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,11 +51,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules._functions import SyncBatchNorm as sync_bn  # the autograd function behind nn.SyncBatchNorm
-from torch.nn.parallel import DistributedDataParallel
 
 import intl_ops
 from intl_ops import literal
-from pretrain import PROJECTOR, WEIGHT_DECAY, ema_update, forward_loss
+from pretrain import PROJECTOR, WEIGHT_DECAY, build_optimizer, ema_update, forward_loss, wrap_model
 from ssl_models import INTLNet, convert_sync_bn
 from ssl_run import git_sha
 
@@ -177,16 +175,8 @@ def bench_row(args, device, name: str, amp: str, in_channels: int) -> dict:
     torch.manual_seed(0)
     net = per_rank_net(args, in_channels, device, fmt)
     ema = copy.deepcopy(net).requires_grad_(False) if args.ema else None
-    with warnings.catch_warnings():  # torch 2.14 deprecates broadcast_buffers but says to keep False until init_sync_buffers
-        warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)
-        model = DistributedDataParallel(net, device_ids=[device.index] if cuda else None, broadcast_buffers=False,
-                                        gradient_as_bucket_view=True, static_graph=True) if world > 1 else net
-    if args.compile:
-        model = torch.compile(model)
-    decay = [p for p in net.parameters() if p.ndim > 1]  # pretrain's groups: no weight decay on 1-D parameters
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY[args.arch]},
-                           {"params": [p for p in net.parameters() if p.ndim <= 1], "weight_decay": 0.0}],
-                          lr=1e-3, momentum=0.9)  # small lr: random data must not diverge
+    model = wrap_model(net, device, world > 1, args.compile)  # pretrain's DDP settings, compile around DDP
+    opt = build_optimizer(net, WEIGHT_DECAY[args.arch], lr=1e-3)  # small lr: random data must not diverge
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     @torch.no_grad()

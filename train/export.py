@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 
-import torch
 from torch import nn
 
 from ssl_run import atomic_save, load_newest_good, read_checkpoint, run_cli

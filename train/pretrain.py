@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # intl_ops from the repo root
 
@@ -209,19 +210,10 @@ def main(argv=None) -> dict:
 
 def pretrain(args, d) -> dict:
     t_start, cuda = time.time(), d.device.type == "cuda"
-    if args.batch_size % d.world:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {d.world} processes "
-                         f"(each takes batch-size / {d.world} samples)")
-    try:
-        backend = intl_ops.backends.resolve(args.backend, d.device)
-    except RuntimeError as e:
-        raise ValueError(f"--backend {args.backend}: {e}") from None
-    make_output_dir(args.output_dir)
-    local_bs, amp = args.batch_size // d.world, args.amp == "bf16" or (args.amp == "auto" and cuda)
+    backend = check_setup(args, d)
+    local_bs, amp_dtype = args.batch_size // d.world, torch.bfloat16 if args.amp == "bf16" or (args.amp == "auto" and cuda) else None
     channels_last = cuda if args.channels_last is None else args.channels_last
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels once
 
     # Data: a sampler whose global batches do not depend on the number of processes.
     train_set, bank_set, query_set, in_channels = build_datasets(args)
@@ -231,61 +223,24 @@ def pretrain(args, d) -> dict:
     steps_per_epoch = sampler.num_samples // local_bs
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_set)} training samples give no full batch of {args.batch_size}: lower --batch-size")
-    total_steps = args.epochs * steps_per_epoch
-    peak_lr = args.base_lr * args.batch_size / 256
+    total_steps, peak_lr = args.epochs * steps_per_epoch, args.base_lr * args.batch_size / 256
 
-    # Model: backbone + projector (+ its EMA copy for INTL-M); global-batch BN across processes.
-    torch.manual_seed(args.seed)
-    net = INTLNet(args.arch, args.projector, in_channels, args.small_stem, args.zero_init_residual)
-    ema = copy.deepcopy(net).requires_grad_(False) if args.ema else None
-    if d.world > 1:
-        net = convert_sync_bn(net, d.device)
-        ema = convert_sync_bn(ema, d.device) if ema is not None else None
-    net = net.to(d.device, memory_format=fmt)
-    ema = ema.to(d.device, memory_format=fmt) if ema is not None else None
-    decay, no_decay = [], []
-    for prm in net.parameters():  # SPEC: no weight decay on 1-D parameters (biases, BN)
-        (no_decay if prm.ndim <= 1 else decay).append(prm)
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr, momentum=0.9)
-
-    # Resume (or start over), then the run folder's metadata and logs.
+    # Model (+ its EMA copy for INTL-M) and optimizer; then resume, or start over.
+    net, ema = build_model(args, in_channels, d, fmt)
+    optimizer = build_optimizer(net, args.weight_decay, peak_lr)
     state, resumed_from = resolve_resume(args.resume, args.output_dir, REQUIRED)
-    step, train_seconds = 0, 0.0
-    if state is not None:
-        check_same_run(state["args"], vars(args), RESUME_FREE, resumed_from)
-        if state.get("n_train", len(train_set)) != len(train_set):
-            raise DataError(f"the training data holds {len(train_set)} images, the run of {resumed_from} had "
-                            f"{state['n_train']}: the sample order would differ (pass the same data or a new --output-dir)")
-        net.load_state_dict(state["net"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, train_seconds = state["step"], state["train_seconds"]
+    step, train_seconds = restore(state, resumed_from, args, net, ema, optimizer, len(train_set))
     if d.main:
-        if args.resume == "none":
-            clear_checkpoints(args.output_dir)
-        with open(os.path.join(args.output_dir, "run.json"), "w") as f:
-            json.dump({**run_metadata(vars(args), d), "resumed_from": resumed_from, "start_step": step}, f, indent=1)
         print(f"{args.dataset} {args.arch}: {len(train_set)} images, {steps_per_epoch} steps/epoch x {args.epochs}, "
               f"global batch {args.batch_size} on {d.world} x {d.device}, peak lr {peak_lr:g}, "
               f"{'INTL-M' if args.ema else 'INTL'} with crops {args.crops}, backend {backend}"
               + (f", preset {args.preset}" if args.preset else "") + (f"; resumed from {resumed_from}" if resumed_from else ""),
               file=sys.stderr)
-        # The logs restart where the weights do: records of steps after the checkpoint (redone now) go.
-        log_path = os.path.join(args.output_dir, "log.jsonl")
-        kept = [r for r in read_jsonl(log_path) if r.get("step", 0) <= step]
-        with open(log_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        start_run_folder(args, d, step, resumed_from)
     barrier(d)
     log = JsonLog(os.path.join(args.output_dir, "log.jsonl") if d.main else None)
     tb = open_tensorboard(args, step) if d.main else None
-    # DDP buckets are views into the gradients (no copy); the graph is the same every step. torch.compile
-    # goes around DDP so that its optimizer splits the graph at the buckets' boundaries.
-    model = DistributedDataParallel(net, device_ids=[d.device.index] if cuda else None, broadcast_buffers=False,
-                                    gradient_as_bucket_view=True, static_graph=True) if d.world > 1 else net
-    if args.compile:
-        model = torch.compile(model)
+    model = wrap_model(net, d.device, d.world > 1, args.compile)
 
     def save(tag: str) -> str:
         path = checkpoint_path(args.output_dir, step)
@@ -299,7 +254,7 @@ def pretrain(args, d) -> dict:
         return path
 
     # The loop: one global batch per step, a checkpoint every epoch (and every N steps, and on SIGTERM).
-    stop = StopRequest()
+    stop = StopRequest()  # before the loader's workers start: they inherit it and keep going until the save
     t_loop, last_step = time.time(), min(total_steps, args.max_steps or total_steps)
     try:
         while step < last_step:
@@ -311,16 +266,12 @@ def pretrain(args, d) -> dict:
                 window.data_ready()
                 lr = set_lr(optimizer, step, peak_lr, args.final_lr * peak_lr, args.warmup_epochs * steps_per_epoch, total_steps)
                 crops = [to_model_input(c, d.device, fmt) for c in crops]
-                loss, parts, views = forward_loss(model, ema, crops, args, torch.bfloat16 if amp else None, d.group)
+                loss, parts, views = forward_loss(model, ema, crops, args, amp_dtype, d.group)
                 if step + 1 == args.nan_at_step:
                     loss = loss * float("nan")
                 loss_value = loss.item()  # the loss is replicated: every rank stops together
                 if not math.isfinite(loss_value):
-                    last = good_checkpoints(args.output_dir, REQUIRED)[:1] if d.main else None
-                    raise FloatingPointError(f"non-finite loss ({loss_value}) at step {step + 1} (epoch {epoch + 1}); "
-                                             f"nothing was updated and the last good checkpoint is kept: "
-                                             f"{last[0] if last else None}. Lower --base-lr or check the data, "
-                                             f"then rerun with --resume auto")
+                    raise non_finite_loss(loss_value, step + 1, args.output_dir)
                 # intl_loss gives each rank the gradient of its own samples of the global loss; DDP averages
                 # over ranks, so scale by the world size to get the single-process gradient.
                 optimizer.zero_grad(set_to_none=True)
@@ -344,14 +295,7 @@ def pretrain(args, d) -> dict:
                 if step == args.crash_at_step:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if stop.requested(d):
-                    path = save("signal")
-                    if d.main:
-                        print(f"stopped by {stop.signal_name} after step {step}: {path} saved; run the same "
-                              f"command again to continue", file=sys.stderr)
-                    summary = {"stopped_by": stop.signal_name, "steps": step, "checkpoint": path}
-                    if d.main:
-                        print(json.dumps(summary), flush=True)
-                    return summary
+                    return stopped(stop.signal_name, step, save("signal"), d)
                 if step == last_step:
                     break
                 window.data_wait()
@@ -385,6 +329,100 @@ def pretrain(args, d) -> dict:
         log.close()
         if tb is not None:
             tb.close()
+        print(json.dumps(summary), flush=True)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------- stages of pretrain()
+def check_setup(args, d) -> str:
+    """What can be refused before any data is read: the batch split, the backend, the output folder.
+    Returns the backend that "auto" (or the name given) resolves to on this device."""
+    if args.batch_size % d.world:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {d.world} processes "
+                         f"(each takes batch-size / {d.world} samples)")
+    try:
+        backend = intl_ops.backends.resolve(args.backend, d.device)
+    except RuntimeError as e:
+        raise ValueError(f"--backend {args.backend}: {e}") from None
+    make_output_dir(args.output_dir)
+    if d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels once
+    return backend
+
+
+def build_model(args, in_channels: int, d, fmt) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """backbone + projector, and its EMA copy for INTL-M; BatchNorm over the global batch across processes."""
+    torch.manual_seed(args.seed)
+    net = INTLNet(args.arch, args.projector, in_channels, args.small_stem, args.zero_init_residual)
+    ema = copy.deepcopy(net).requires_grad_(False) if args.ema else None
+    if d.world > 1:
+        net = convert_sync_bn(net, d.device)
+        ema = convert_sync_bn(ema, d.device) if ema is not None else None
+    net = net.to(d.device, memory_format=fmt)
+    return net, ema.to(d.device, memory_format=fmt) if ema is not None else None
+
+
+def build_optimizer(net: torch.nn.Module, weight_decay: float, lr: float) -> torch.optim.Optimizer:
+    """SGD momentum 0.9; no weight decay on 1-D parameters (biases, BN), as SPEC section 7 says."""
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=0.9)
+
+
+def wrap_model(net: torch.nn.Module, device: torch.device, ddp: bool, compile: bool) -> torch.nn.Module:
+    """DDP with its buckets as views into the gradients (no copy) and a static graph (the same every
+    step); BN buffers are not broadcast (global-batch BN keeps them equal). torch.compile goes around DDP,
+    so that its optimizer splits the graph at the buckets' boundaries."""
+    if ddp:
+        with warnings.catch_warnings():  # torch 2.14 deprecates broadcast_buffers, but says to keep False for now
+            warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)
+            net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                          broadcast_buffers=False, gradient_as_bucket_view=True, static_graph=True)
+    return torch.compile(net) if compile else net
+
+
+def restore(state, path, args, net, ema, optimizer, n_train: int) -> tuple[int, float]:
+    """Load a checkpoint made by the same run (flags and data size checked): (step, train seconds)."""
+    if state is None:
+        return 0, 0.0
+    check_same_run(state["args"], vars(args), RESUME_FREE, path)
+    if state.get("n_train", n_train) != n_train:
+        raise DataError(f"the training data holds {n_train} images, the run of {path} had {state['n_train']}: "
+                        f"the sample order would differ (pass the same data or a new --output-dir)")
+    net.load_state_dict(state["net"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["train_seconds"]
+
+
+def start_run_folder(args, d, step: int, resumed_from: str | None) -> None:
+    """Rank 0: start over if asked, write run.json, and cut log.jsonl back to the step the weights are at
+    (records of the steps after the checkpoint are redone now)."""
+    if args.resume == "none":
+        clear_checkpoints(args.output_dir)
+    with open(os.path.join(args.output_dir, "run.json"), "w") as f:
+        json.dump({**run_metadata(vars(args), d), "resumed_from": resumed_from, "start_step": step}, f, indent=1)
+    log_path = os.path.join(args.output_dir, "log.jsonl")
+    kept = [r for r in read_jsonl(log_path) if r.get("step", 0) <= step]
+    with open(log_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+def non_finite_loss(value: float, step: int, out_dir: str) -> FloatingPointError:
+    last = good_checkpoints(out_dir, REQUIRED)[:1]
+    return FloatingPointError(f"non-finite loss ({value}) at step {step}; nothing was updated and the last good "
+                              f"checkpoint is kept: {last[0] if last else None}. Lower --base-lr or check the data, "
+                              f"then rerun with --resume auto")
+
+
+def stopped(signal_name: str, step: int, path: str, d) -> dict:
+    """The run's end on SIGTERM / SIGUSR1: the checkpoint is saved; say so, and how to continue."""
+    summary = {"stopped_by": signal_name, "steps": step, "checkpoint": path}
+    if d.main:
+        print(f"stopped by {signal_name} after step {step}: {path} saved; run the same command again to continue",
+              file=sys.stderr)
         print(json.dumps(summary), flush=True)
     return summary
 
