@@ -162,7 +162,7 @@ def test_finetune_on_a_listed_subset(folder_run, tmp_path):
 
 # ------------------------------------------------------------------ stopping and errors
 def test_sigterm_keeps_the_last_epoch_and_the_same_command_finishes(digits_run, tmp_path):
-    args = ["--pretrained", str(digits_run), "--epochs", "4", "--batch-size", "8", "--log-every", "1",
+    args = ["--pretrained", str(digits_run), "--epochs", "4", "--batch-size", "8", "--print-every", "1",
             "--lr-head", "2", "--output-dir", str(tmp_path)]
     proc = subprocess.Popen([sys.executable, "train/linear_eval.py", *args], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -60,7 +60,7 @@ from ssl_run import (JsonLog, Progress, StopRequest, atomic_save, barrier, check
                      prune_checkpoints, read_checkpoint, read_jsonl, resolve_resume, run_cli, run_metadata)
 
 # Flags that may change between a checkpoint and its resumption (the dataset may move to node-local disk).
-RESUME_FREE = {"output_dir", "resume", "workers", "device", "data", "log_every"}
+RESUME_FREE = {"output_dir", "resume", "workers", "device", "data", "print_every"}
 CKPT_KEYS = ("net", "optimizer", "epoch")
 
 
@@ -95,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--output-dir", help="default: <pretrained run>/<mode>-p<train-percent> (or -<train-files name>)")
     g.add_argument("--resume", default="auto", help="auto (newest good checkpoint of --output-dir), none "
                    "(its checkpoints are deleted), or a file")
-    g.add_argument("--log-every", type=int, default=100, help="steps between progress lines (when stderr is not a terminal)")
+    g.add_argument("--print-every", type=int, default=100, help="steps between progress lines when stderr is not a "
+                   "terminal (a live bar when it is), and at each epoch's end")
     g.add_argument("--device", default="auto")
     a = p.parse_args(argv)
     finetune = a.mode == "finetune"
@@ -110,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         (not 0 < a.train_percent <= 100, f"--train-percent must be in (0, 100], got {a.train_percent}"),
         (a.train_files is not None and a.train_percent != 100,
          "--train-files gives the subset itself: drop --train-percent (it is only for a generated split)"),
-        (a.epochs < 1 or a.batch_size < 1 or a.log_every < 1, "--epochs, --batch-size and --log-every must be >= 1"),
+        (a.epochs < 1 or a.batch_size < 1 or a.print_every < 1, "--epochs, --batch-size and --print-every must be >= 1"),
         ((a.lr_head is not None and a.lr_head <= 0) or a.weight_decay < 0, "--lr-head must be > 0, --weight-decay >= 0"),
         (finetune and a.lr_backbone is not None and a.lr_backbone <= 0, "--mode finetune needs --lr-backbone > 0"),
         (not finetune and a.lr_backbone is not None, "--lr-backbone is for --mode finetune (the linear probe freezes it)"),
@@ -223,7 +224,7 @@ def evaluate(args, d, stop: StopRequest) -> dict:
             group["lr"] = lr * lr_factor(args, epoch)
         net.train(finetune)
         head.train()  # bn-linear's statistics; a plain Linear does not care
-        bar = Progress(d, len(loader), f"epoch {epoch + 1}/{args.epochs}", every=args.log_every)
+        bar = Progress(d, len(loader), f"epoch {epoch + 1}/{args.epochs}", every=args.print_every)
         total_loss, n, steps, halted = 0.0, 0, 0, False
         for x, y in loader:
             if stop.requested(d):  # the same answer on every rank, so all stop before the same step

@@ -60,7 +60,7 @@ PRESETS = {
 # may move (e.g. to node-local disk); its size is checked instead.
 RESUME_FREE = {"output_dir", "resume", "workers", "log_every", "eval_every", "ckpt_every_steps", "keep_checkpoints",
                "compile", "device", "max_steps", "tensorboard", "crash_at_step", "nan_at_step", "knn_bank", "knn_queries",
-               "knn_k", "data", "backend", "print_config", "preset", "published"}
+               "knn_k", "data", "backend", "print_config", "preset", "published", "print_every"}
 REQUIRED = ("net", "optimizer", "step", "args")  # what a pretrain checkpoint must hold
 
 
@@ -115,8 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "or a checkpoint file")
     g.add_argument("--ckpt-every-steps", type=int, default=0, help="also checkpoint every N steps (0: every epoch only)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="newest good checkpoints kept (unreadable files are never deleted)")
-    g.add_argument("--log-every", type=int, help="steps between log.jsonl / TensorBoard records and, when stderr is "
-                   "not a terminal, progress lines: 1 for digits, else 10")
+    g.add_argument("--log-every", type=int, help="steps between log.jsonl / TensorBoard records: 1 for digits, else 10")
+    g.add_argument("--print-every", type=int, default=100, help="steps between progress lines when stderr is not a "
+                   "terminal (a live bar when it is), and at each epoch's end")
     g.add_argument("--eval-every", type=int, default=10, help="epochs between kNN monitor runs (0: only at the end)")
     g.add_argument("--knn-k", type=int, help="neighbours of the kNN monitor: 5 for digits, 20 otherwise")
     g.add_argument("--knn-bank", type=int, default=20000, help="training images in the kNN bank (ImageFolder)")
@@ -176,8 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         (not all(0 <= q <= 1 for q in probs), "--blur-prob and --solarize-prob must be in [0, 1]"),
         (not digits and not 0 < a.crop_min_scale <= 1, f"--crop-min-scale must be in (0, 1], got {a.crop_min_scale}"),
         (a.epochs < 1 or a.batch_size < 2, "--epochs must be >= 1 and --batch-size >= 2"),
-        (a.knn_k < 1 or a.log_every < 1 or a.ckpt_every_steps < 0 or a.keep_checkpoints < 1 or a.eval_every < 0,
-         "--knn-k, --log-every and --keep-checkpoints must be >= 1, --ckpt-every-steps and --eval-every >= 0"),
+        (min(a.knn_k, a.log_every, a.print_every, a.keep_checkpoints) < 1 or a.ckpt_every_steps < 0 or a.eval_every < 0,
+         "--knn-k, --log-every, --print-every and --keep-checkpoints must be >= 1, --ckpt-every-steps and --eval-every >= 0"),
         (not 0 <= a.ema < 1, f"--ema must be in [0, 1) (0 = plain INTL), got {a.ema}"),
         (a.iters < 0, f"--iters must be >= 0, got {a.iters}"),
         (a.base_lr <= 0 or a.weight_decay < 0 or a.warmup_epochs < 0, "--base-lr must be > 0, --weight-decay and --warmup-epochs >= 0"),
@@ -260,7 +261,7 @@ def pretrain(args, d) -> dict:
         while step < last_step:
             epoch, done = divmod(step, steps_per_epoch)
             sampler.set_epoch(epoch, skip=done * local_bs)
-            bar = Progress(d, steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", initial=done, every=args.log_every)
+            bar = Progress(d, steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", initial=done, every=args.print_every)
             window = Window()
             for crops, _ in loader:
                 window.data_ready()
