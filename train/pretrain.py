@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 
 import intl_ops
 from ssl_data import (CropSpec, DataError, DigitsViews, EpochSampler, FolderImages, FolderViews, SyntheticViews,
-                      TensorImages, check_image_folder, digits_normalize, load_digits_split, to_model_input)
+                      TensorImages, check_image_folder, digits_normalize, load_digits_split, multi_crop_specs,
+                      to_model_input, two_crop_specs)
 from ssl_models import (ARCHS, INTLNet, convert_sync_bn, embedding_effective_rank, extract_features, knn_accuracy,
                         linear_probe_accuracy, shard_sampler)
 from ssl_run import (JsonLog, Progress, StopRequest, atomic_save, barrier, check_same_run, checkpoint_path,
@@ -43,7 +44,6 @@ from ssl_run import (JsonLog, Progress, StopRequest, atomic_save, barrier, check
 PROJECTOR = {"cnn": "512-512-512", "resnet18": "2048-2048-2048", "resnet50": "8192-8192-8192"}  # SPEC section 7
 BASE_LR = {"cnn": 0.3, "resnet18": 0.3, "resnet50": "0.5 up to 100 epochs, 0.4 up to 400, else 0.3"}
 WEIGHT_DECAY = {"cnn": 1e-5, "resnet18": 1e-4, "resnet50": 1e-5}
-MULTI_CROPS = (192, 160, 128, 96)  # the extra multi-crop sizes at 224 px, scaled with --image-size
 # The official recipes (winci-ai/INTL scripts/*.sh and cfg.py) and the paper's linear top-1 for each.
 PRESETS = {
     **{f"intl-m-imagenet-{e}ep": dict(arch="resnet50", epochs=e, base_lr=lr, ema=0.996, multi_crop=True,
@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--data", help="ImageFolder root with train/<class>/<img> and (for the kNN monitor) val/")
     g.add_argument("--image-size", type=int, help="crop size: 8 for digits, 224 otherwise (32 for CIFAR-like data)")
     g.add_argument("--multi-crop", action="store_true", default=None, help="the official multi-crop: 2 crops of "
-                   "--image-size plus crops of 192, 160, 128, 96 scaled by --image-size/224, area scale (0.2 c/224, c/224)")
+                   "--image-size plus crops of 192, 160, 128, 96 scaled by --image-size/224, area (min-scale c/224, c/224)")
     g.add_argument("--crop-min-scale", type=float, help="smallest crop area of the two large crops: 0.08 (0.2 with --multi-crop)")
     g.add_argument("--blur-prob", type=float, nargs="+", help="Gaussian blur probability per crop (one value: all "
                    "crops): 1.0 0.1 for two crops (the asymmetric BYOL recipe), 0.5 for every multi-crop")
@@ -155,16 +155,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.knn_k = (5 if digits else 20) if a.knn_k is None else a.knn_k
     a.log_every = (1 if digits else 10) if a.log_every is None else a.log_every
     s = a.image_size
-    a.crops = [s, s] + ([round(s * c / 224) for c in MULTI_CROPS] if a.multi_crop else [])
-    n = len(a.crops)
-    if digits:  # the digits have their own augmentation (ssl_data.digits_augment)
-        a.crop_min_scale = a.blur_prob = a.solarize_prob = a.crop_scales = None
+    if digits:  # the digits have their own augmentation (ssl_data.digits_augment): two 8x8 views
+        a.crops, a.crop_min_scale, a.crop_scales, a.blur_prob, a.solarize_prob = [s, s], None, None, None, None
     else:
-        a.crop_min_scale = (0.2 if a.multi_crop else 0.08) if a.crop_min_scale is None else a.crop_min_scale
-        a.crop_scales = [[a.crop_min_scale, 1.0]] * 2 + [[a.crop_min_scale * c / 224, c / 224] for c in MULTI_CROPS][:n - 2]
-        a.blur_prob = a.blur_prob or ([0.5] if a.multi_crop else [1.0, 0.1])
-        a.solarize_prob = a.solarize_prob or ([0.1] if a.multi_crop else [0.0, 0.2])
-        a.blur_prob, a.solarize_prob = (v * n if len(v) == 1 else v for v in (a.blur_prob, a.solarize_prob))
+        if a.crop_min_scale is None:
+            a.crop_min_scale = 0.2 if a.multi_crop else 0.08
+        specs = multi_crop_specs(s, min_scale=a.crop_min_scale) if a.multi_crop else \
+            two_crop_specs(s, scale=(a.crop_min_scale, 1.0))
+        a.crops, a.crop_scales = [c.size for c in specs], [list(c.scale) for c in specs]
+        a.blur_prob = per_crop(a.blur_prob, [c.blur_p for c in specs])
+        a.solarize_prob = per_crop(a.solarize_prob, [c.solarize_p for c in specs])
     a.output_dir = a.output_dir or os.path.join("runs", a.preset or f"{a.dataset}-{a.arch}-{'intlm' if a.ema else 'intl'}")
     probs = (a.blur_prob or []) + (a.solarize_prob or [])
     problems = [
@@ -172,8 +172,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         (not all(x.isdigit() and int(x) > 0 for x in a.projector.split("-")),
          f"--projector must be sizes joined by '-', e.g. 2048-2048-2048, got {a.projector!r}"),
         (min(a.crops) < 4, f"--image-size {s} is too small (crops down to {min(a.crops)} px)"),
-        (not digits and (len(a.blur_prob) != n or len(a.solarize_prob) != n),
-         f"--blur-prob and --solarize-prob take one value or one per crop ({n} crops)"),
+        (not digits and len({len(a.crops), len(a.blur_prob), len(a.solarize_prob)}) > 1,
+         f"--blur-prob and --solarize-prob take one value or one per crop ({len(a.crops)} crops)"),
         (not all(0 <= q <= 1 for q in probs), "--blur-prob and --solarize-prob must be in [0, 1]"),
         (not digits and not 0 < a.crop_min_scale <= 1, f"--crop-min-scale must be in (0, 1], got {a.crop_min_scale}"),
         (a.epochs < 1 or a.batch_size < 2, "--epochs must be >= 1 and --batch-size >= 2"),
@@ -191,6 +191,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         print(json.dumps(vars(a), indent=1))
         sys.exit(0)
     return a
+
+
+def per_crop(given: list[float] | None, recipe: list[float]) -> list[float]:
+    """A per-crop flag: the recipe's values when unset, one value for every crop, or one value each."""
+    if given is None:
+        return recipe
+    return given * len(recipe) if len(given) == 1 else given
 
 
 def default_base_lr(arch: str, epochs: int) -> float:

@@ -152,14 +152,14 @@ def two_crop_specs(size: int, scale: tuple[float, float] = (0.08, 1.0), blur: tu
 MULTI_CROP_SIDES = (192, 160, 128, 96)  # the official INTL-M small crops, for 224 crops
 
 
-def multi_crop_specs(size: int, base: int = 224) -> list[CropSpec]:
-    """The official INTL-M multi-crop: 2 crops of `size` (area 0.2-1) and 4 smaller ones whose side and
+def multi_crop_specs(size: int, base: int = 224, min_scale: float = 0.2) -> list[CropSpec]:
+    """The official INTL-M multi-crop: 2 crops of `size` (area min_scale-1) and 4 smaller ones whose side and
     area range shrink by c / base for c in 192, 160, 128, 96 (official table: min area 0.2/0.171/0.143/
     0.114/0.086, max 1/0.857/0.714/0.571/0.429); blur p 0.5 and solarisation p 0.1 for every crop."""
-    specs = [CropSpec(size, (0.2, 1.0), 0.5, 0.1)] * 2
+    specs = [CropSpec(size, (min_scale, 1.0), 0.5, 0.1)] * 2
     for c in MULTI_CROP_SIDES:
         f = c / base
-        specs.append(CropSpec(round(size * f), (0.2 * f, f), 0.5, 0.1))
+        specs.append(CropSpec(round(size * f), (min_scale * f, f), 0.5, 0.1))
     return specs
 
 
