@@ -159,39 +159,19 @@ def evaluate(args, d, stop: StopRequest) -> dict:
     val_loader = DataLoader(val_set, batch_size=256, sampler=shard_sampler(val_set), num_workers=workers, pin_memory=cuda)
 
     # Model: the pretrained backbone (online network) + the classifier; channels_last on GPUs.
-    backbone = build_backbone(pargs["arch"], in_channels, pargs["small_stem"])
-    try:
-        backbone.load_state_dict({k[len("backbone."):]: v for k, v in pre["net"].items() if k.startswith("backbone.")})
-    except RuntimeError as e:
-        raise ValueError(f"--pretrained {pre_path!r}: its backbone does not fit {pargs['arch']} "
-                         f"({str(e).splitlines()[0]})") from None
-    del pre
-    torch.manual_seed(args.seed)  # the head's initial weights
-    head = build_head(args.head, backbone.num_features, n_classes)
-    net = nn.Sequential(backbone, head)
-    backbone.requires_grad_(finetune)
     fmt = torch.channels_last if cuda else torch.contiguous_format
-    net = net.to(d.device, memory_format=fmt)
+    backbone, head = build_model(args, pre, pre_path, in_channels, n_classes)
+    del pre
+    net = nn.Sequential(backbone, head).to(d.device, memory_format=fmt)
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input sizes
-    scale = args.batch_size / 256
-    base_lrs = [args.lr_head * scale] + ([args.lr_backbone * scale] if finetune else [])
-    groups = [{"params": head.parameters(), "lr": base_lrs[0]}]
-    if finetune:
-        groups.append({"params": backbone.parameters(), "lr": base_lrs[1]})
+    base_lrs = [lr * args.batch_size / 256 for lr in ([args.lr_head, args.lr_backbone] if finetune else [args.lr_head])]
+    groups = [{"params": m.parameters(), "lr": lr} for m, lr in zip((head, backbone), base_lrs)]
     optimizer = torch.optim.SGD(groups, lr=base_lrs[0], momentum=0.9, weight_decay=args.weight_decay)
 
     # Resume (or start over), then the run folder's metadata and log (records of redone epochs go).
     state, resumed_from = resolve_resume(args.resume, args.output_dir, CKPT_KEYS, progress_key="epoch")
-    start_epoch, best = 0, 0.0
-    if state is not None:
-        check_same_run(state["args"], vars(args), RESUME_FREE, resumed_from)
-        if state.get("train_images", len(train_set)) != len(train_set):  # --data may move, not change
-            raise DataError(f"{data_root!r} gives {len(train_set)} training images, the run in {resumed_from!r} had "
-                            f"{state['train_images']}: not the same dataset")
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best = state["epoch"], state["best_top1"]
+    start_epoch, best = restore(state, resumed_from, args, net, optimizer, len(train_set), data_root)
     log_path = os.path.join(args.output_dir, "log.jsonl")
 
     def prepare_folder():
@@ -301,6 +281,33 @@ def load_pretrained(path: str) -> tuple[dict, str]:
     if missing:
         raise ValueError(f"--pretrained {found!r} is not a pretrain.py checkpoint (its args lack {', '.join(missing)})")
     return state, found
+
+
+def build_model(args, pre: dict, pre_path: str, in_channels: int, n_classes: int) -> tuple[nn.Module, nn.Module]:
+    """(the pretrained online backbone, the classifier); the backbone is trained only in finetune mode."""
+    pargs = pre["args"]
+    backbone = build_backbone(pargs["arch"], in_channels, pargs["small_stem"])
+    try:
+        backbone.load_state_dict({k[len("backbone."):]: v for k, v in pre["net"].items() if k.startswith("backbone.")})
+    except RuntimeError as e:
+        raise ValueError(f"--pretrained {pre_path!r}: its backbone does not fit {pargs['arch']} "
+                         f"({str(e).splitlines()[0]})") from None
+    backbone.requires_grad_(args.mode == "finetune")
+    torch.manual_seed(args.seed)  # the head's initial weights
+    return backbone, build_head(args.head, backbone.num_features, n_classes)
+
+
+def restore(state, path, args, net, optimizer, n_train: int, data_root) -> tuple[int, float]:
+    """Load a checkpoint of the same evaluation (flags and data size checked): (epochs done, best top-1)."""
+    if state is None:
+        return 0, 0.0
+    check_same_run(state["args"], vars(args), RESUME_FREE, path)
+    if state.get("train_images", n_train) != n_train:  # --data may move, not change
+        raise DataError(f"{data_root!r} gives {n_train} training images, the run in {path!r} had "
+                        f"{state['train_images']}: not the same dataset")
+    net.load_state_dict(state["net"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["epoch"], state["best_top1"]
 
 
 def official_lrs(mode: str, pargs: dict) -> tuple[tuple[float, float], str]:
