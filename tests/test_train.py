@@ -256,16 +256,21 @@ def test_resume_from_an_older_file_into_the_same_run_is_refused(tmp_path):
     assert s["steps"] == 3 and load_ckpt(tmp_path)["step"] == 4
 
 
+def start_until_logged(argv, log, records: int, timeout: float = 240) -> subprocess.Popen:
+    """Start a training process and return once its log.jsonl holds `records` step records (or it ended)."""
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + timeout
+    while not (log.exists() and len(log.read_text().splitlines()) >= records) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.2)
+    return proc
+
+
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
     flags = ["train/pretrain.py", "--epochs", "3", "--batch-size", "128", "--log-every", "1", "--print-every", "2",
              "--output-dir", str(tmp_path), *QUIET]
-    proc = subprocess.Popen([sys.executable, *flags], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    log = tmp_path / "log.jsonl"
-    deadline = time.time() + 240
-    # wait until the run is into epoch 2 (9 steps an epoch), then stop it
-    while not (log.exists() and len(log.read_text().splitlines()) >= 11) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    proc = start_until_logged(flags, tmp_path / "log.jsonl", 11)  # into epoch 2 (9 steps an epoch)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
@@ -286,12 +291,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     all of them save and leave after the same step, and torchrun exits 0."""
     flags = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train/pretrain.py", "--epochs", "3",
              "--batch-size", "64", "--log-every", "1", "--output-dir", str(tmp_path), *QUIET]
-    proc = subprocess.Popen([sys.executable, *flags], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    log = tmp_path / "log.jsonl"
-    deadline = time.time() + 240
-    while not (log.exists() and len(log.read_text().splitlines()) >= 2) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    proc = start_until_logged(flags, tmp_path / "log.jsonl", 2)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers
     os.kill(int(workers[-1]), signal.SIGTERM)  # one worker only (either rank)
