@@ -205,13 +205,21 @@ def test_to_model_input_passes_float_through(device):
     assert h.dtype == torch.float16  # float types are left to the caller / autocast
 
 
-def test_other_datasets_stay_float(folder):
+def test_synthetic_views_and_evaluation_images(folder):
     views, _ = sd.SyntheticViews(4, [8, 6], 3, seed=0)[(1, 0)]
     assert [(v.dtype, v.shape[-1]) for v in views] == [(torch.float32, 8), (torch.float32, 6)]
     views, _ = sd.SyntheticViews(4, [8, 6], 3, seed=0, uint8=True)[(1, 0)]
     assert [(v.dtype, v.shape[-1]) for v in views] == [(torch.uint8, 8), (torch.uint8, 6)]
+    # evaluation images are uint8 too: resize the short side to 16 x 256/224 = 18, centre crop 16
     img, label = sd.FolderImages(str(folder), "train", 16)[0]
-    assert img.dtype == torch.float32 and img.shape == (3, 16, 16) and label == 0
+    assert img.dtype == torch.uint8 and img.shape == (3, 16, 16) and label == 0
+    from PIL import Image
+
+    path = sd.FolderImages(str(folder), "train", 16).folder.samples[0][0]
+    ref = torch.from_numpy(np.array(Image.open(path).convert("RGB").resize((18, 18), Image.BILINEAR))).permute(2, 0, 1)
+    assert (img.int() - ref[:, 1:17, 1:17].int()).abs().max() <= 1
+    crop = sd.probe_transform(12)(Image.open(path).convert("RGB"))
+    assert crop.dtype == torch.uint8 and crop.shape == (3, 12, 12)
 
 
 # ------------------------------------------------------------------ errors

@@ -53,7 +53,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from ssl_data import DataError, FolderImages, TensorImages, check_image_folder, digits_normalize, load_digits_split
+from ssl_data import (DataError, FolderImages, TensorImages, check_image_folder, digits_normalize, load_digits_split,
+                      load_rgb, probe_transform, to_model_input)
 from ssl_models import build_backbone, shard_sampler
 from ssl_run import (JsonLog, Progress, StopRequest, atomic_save, barrier, check_same_run, checkpoint_path, cleanup,
                      clear_checkpoints, init_distributed, list_checkpoints, load_newest_good, make_output_dir,
@@ -210,7 +211,7 @@ def evaluate(args, d, stop: StopRequest) -> dict:
             if stop.requested(d):  # the same answer on every rank, so all stop before the same step
                 halted = True
                 break
-            x = x.to(d.device, non_blocking=True, memory_format=fmt)
+            x = to_model_input(x, d.device, fmt)  # uint8 images are normalised on the device
             y = torch.as_tensor(y).to(d.device, non_blocking=True)
             if finetune:
                 logits = model(x)
@@ -353,14 +354,9 @@ def build_eval_data(digits: bool, root: str | None, size: int, seed: int):
         x_tr, y_tr, x_te, y_te = load_digits_split(seed)
         return TensorImages(digits_normalize(x_tr), y_tr), TensorImages(digits_normalize(x_te), y_te), 1, 10
     from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
-
-    from ssl_data import IMAGENET_MEAN, IMAGENET_STD, load_rgb
 
     check_image_folder(root, "val")
-    train = ImageFolder(check_image_folder(root, "train"), loader=load_rgb, transform=v2.Compose([
-        v2.ToImage(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+    train = ImageFolder(check_image_folder(root, "train"), loader=load_rgb, transform=probe_transform(size))
     val = FolderImages(root, "val", size)  # resize size x 256/224, centre crop
     if val.folder.classes != train.classes:
         raise DataError(f"{root}/train and {root}/val have different class folders")
@@ -429,7 +425,7 @@ def accuracy(net, loader, d, fmt, n_classes: int) -> tuple[float, float]:
     net.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=d.device)
     for x, y in loader:
-        x, y = x.to(d.device, non_blocking=True, memory_format=fmt), torch.as_tensor(y).to(d.device)
+        x, y = to_model_input(x, d.device, fmt), torch.as_tensor(y).to(d.device)
         top = net(x).topk(min(5, n_classes), dim=1).indices
         counts += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(),
                                torch.tensor(len(y), device=d.device)]).double()

@@ -237,10 +237,19 @@ def to_model_input(x: torch.Tensor, device, memory_format=torch.contiguous_forma
 
 
 def eval_transform(size: int):
+    """Evaluation images: resize the short side to size x 256/224, centre crop (evaluate.py's 256 / 224 at
+    224 px), as PIL operations, shipped as uint8 like the training crops (to_model_input normalises them)."""
     from torchvision.transforms import v2
 
-    return v2.Compose([v2.ToImage(), v2.Resize(int(round(size * 256 / 224)), antialias=True), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return v2.Compose([v2.Resize(int(round(size * 256 / 224))), v2.CenterCrop(size), v2.PILToTensor()])
+
+
+def probe_transform(size: int):
+    """The linear probe's training augmentation (evaluate.py): random resized crop (area 0.08-1) and a
+    horizontal flip, on PIL images, shipped as uint8."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), v2.PILToTensor()])
 
 
 class FolderViews(Dataset):
@@ -271,7 +280,7 @@ class FolderViews(Dataset):
 
 
 class FolderImages(Dataset):
-    """Plain evaluation images (resize, centre crop) and labels of root/split; optionally a fixed subset."""
+    """Plain evaluation images (resize, centre crop; uint8) and labels of root/split; optionally a fixed subset."""
 
     def __init__(self, root: str, split: str, size: int, limit: int | None = None, seed: int = 0):
         from torchvision.datasets import ImageFolder

@@ -8,6 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_data import to_model_input
+
 ARCHS = ("cnn", "resnet18", "resnet50")
 
 
@@ -127,9 +129,7 @@ def extract_features(backbone: nn.Module, loader, device, channels_last: bool = 
     backbone.eval()
     feats, labels = [], []
     for x, y in loader:
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_model_input(x, device, torch.channels_last if channels_last else torch.contiguous_format)
         feats.append(backbone(x).float())
         labels.append(torch.as_tensor(y, device=device))
     backbone.train(was_training)
