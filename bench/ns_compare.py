@@ -7,25 +7,24 @@ The project's goal: CUDA NS at least 1.5x faster than Triton NS. For each C, on 
   forward   cuda:   torch.ops.intl_cuda.ns_fwd(Sigma, T)   (one launch: S, tr, P_1..P_T, P_k^2, P_k^3, v)
             triton: kernels.newton_schulz.newton_schulz_fwd(S, Ps, Pp) with Ps[:, 0] = P_1 = 1.5 I - 0.5 S
                     given (as intl_ops/backend_triton.py calls it: P_1 comes from the covariance kernel)
-            torch:  the same loop in torch products, from Sigma (the scope of ns_fwd)
+            torch:  the reference backend's stages (intl_ops.reference.newton_schulz_fwd), from Sigma (the scope of ns_fwd)
   backward  cuda:   torch.ops.intl_cuda.ns_bwd(Wbar, S, tr, Ps, Pp, T, N) -> M = (Sigmabar + Sigmabar^T)/(N-1)
             triton: newton_schulz_bwd(G, S, Ps, Pp) -> Sbar (kernels only; G = Wbar / sqrt(tr)), and
                     "triton+glue": intl_ops.backend_triton._chain_to_sigma (the same scope as ns_bwd)
-            torch:  the chain in torch products (the scope of ns_bwd)
+            torch:  reference.newton_schulz_bwd and sigma_grad (the scope of ns_bwd)
 The CUDA forward does more than the Triton one (S, tr, P_1 and v too), so its ratio is conservative.
 Timing: GPU, triton.testing.do_bench (CUDA events, L2 flushed before each call), median / p20 / p80
 over --rep-ms; CPU (TRITON_INTERPRET=1, the dry run of bench/gpu_check.sh), perf_counter over --reps
 calls: those numbers only show that the code runs. Every variant's output is checked against the
-float64 torch loop first (max |error| / max |value|). Writes ns_compare.md / ns_compare.json to --out.
+float64 torch stages first (max |error| / max |value|). Writes ns_compare.md / ns_compare.json to --out,
+with bench.report's provenance (date, device, versions, git SHA).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,44 +34,31 @@ if not torch.cuda.is_available():  # the Triton kernels run on CPU tensors only 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.report import provenance  # noqa: E402
+from bench.timing import time_cpu, time_gpu  # noqa: E402
+from intl_ops import reference  # noqa: E402
 
-# ------------------------------------------------------------------ the torch loops (also the fp64 oracle)
+
+# ------------------------------------------------------------------ the torch scope of ns_fwd / ns_bwd (also the fp64 oracle)
 def torch_ns_fwd(sigma: torch.Tensor, iters: int):
-    """What ns_fwd computes, in torch: S, tr, Ps (B, T, C, C), Pp (B, T-1, 2, C, C), v = diag(P_T S P_T)."""
-    B, C = sigma.shape[0], sigma.shape[-1]
+    """What ns_fwd computes, with the reference backend's stages: S, tr, Ps, Pp, v = diag(P_T S P_T)."""
     tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)
     S = sigma / tr[:, None, None]
-    eye = torch.eye(C, dtype=S.dtype, device=S.device).expand_as(S)
-    Ps, Pp = S.new_empty(B, iters, C, C), S.new_empty(B, max(iters - 1, 0), 2, C, C)
-    P = 1.5 * eye - 0.5 * S
-    Ps[:, 0] = P
-    for k in range(1, iters):
-        P2 = torch.bmm(P, P)
-        P3 = torch.bmm(P2, P)
-        Pp[:, k - 1, 0], Pp[:, k - 1, 1] = P2, P3
-        P = torch.baddbmm(P, P3, S, beta=1.5, alpha=-0.5)
-        Ps[:, k] = P
+    Ps, Pp = reference.newton_schulz_fwd(S, iters)
+    P = Ps[:, iters - 1]
     v = (torch.bmm(P, S) * P).sum(-1)
     return S, tr, Ps, Pp, v
 
 
 def torch_ns_bwd(wbar, S, tr, Ps, Pp, iters: int, n_obs: int):
-    """What ns_bwd computes, in torch: (Sbar, M) with G = Wbar / sqrt(tr) through the T steps."""
-    C = S.shape[-1]
-    inv_tr = (1.0 / tr)[:, None, None]
-    inv_sqrt = inv_tr.sqrt()
-    eye = torch.eye(C, dtype=S.dtype, device=S.device)
-    G, Sbar = wbar * inv_sqrt, torch.zeros_like(S)
-    for k in range(iters, 1, -1):
-        Bm, B2, B3 = Ps[:, k - 2], Pp[:, k - 2, 0], Pp[:, k - 2, 1]
-        Sbar = torch.baddbmm(Sbar, B3, G, alpha=-0.5)
-        H = torch.bmm(G, S)
-        U = torch.bmm(Bm, H)
-        G = 1.5 * G - 0.5 * (torch.bmm(H, B2) + torch.bmm(U, Bm) + torch.bmm(B2, H))
-    Sbar = Sbar - 0.5 * G
-    trbar = -0.5 * inv_sqrt * inv_tr * (wbar * Ps[:, iters - 1]).sum((-2, -1), keepdim=True)
-    diag = 2 * (trbar - (Sbar * S).sum((-2, -1), keepdim=True) * inv_tr)
-    return Sbar, ((Sbar + Sbar.mT) * inv_tr + diag * eye) / (n_obs - 1)
+    """What ns_bwd computes, with the reference backend's stages: (Sbar, M = (Sigmabar + Sigmabar^T) / (N-1))
+    with G = Wbar / sqrt(tr) through the T steps."""
+    inv_tr, inv_sqrt = reference._guarded_scales(tr)
+    G = wbar * inv_sqrt[:, None, None]
+    trbar = -0.5 * inv_tr * (G * Ps[:, iters - 1]).sum((-2, -1))
+    Sbar = reference.newton_schulz_bwd(G, S, Ps, Pp, iters)
+    sigmabar = reference.sigma_grad(Sbar.clone(), S, tr, trbar)
+    return Sbar, (sigmabar + sigmabar.mT) / (n_obs - 1)
 
 
 def rel_err(out: torch.Tensor, oracle: torch.Tensor) -> float:
@@ -82,23 +68,12 @@ def rel_err(out: torch.Tensor, oracle: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------ timing
 def timer(device: torch.device, rep_ms: int, reps: int):
-    if device.type == "cuda":
-        import triton.testing
-
-        def run(fn):
-            med, p20, p80 = triton.testing.do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-            return {"median_us": med * 1e3, "p20_us": p20 * 1e3, "p80_us": p80 * 1e3}
-        return run
-
-    def run_cpu(fn):
-        fn()  # warm-up (the interpreter's first call parses the kernels)
-        times = []
-        for _ in range(max(1, reps)):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e6)
-        return {"median_us": statistics.median(times), "p20_us": min(times), "p80_us": max(times)}
-    return run_cpu
+    """bench.timing's timers in microseconds: do_bench on a GPU, `reps` perf_counter calls on CPU."""
+    def run(fn):
+        t = time_gpu(fn, warmup_ms=max(10, rep_ms // 4), rep_ms=rep_ms) if device.type == "cuda" else \
+            time_cpu(fn, warmup=1, min_reps=max(1, reps), max_reps=max(1, reps))
+        return {"median_us": t.median_ms * 1e3, "p20_us": t.p20_ms * 1e3, "p80_us": t.p80_ms * 1e3}
+    return run
 
 
 def cuda_status(device: torch.device) -> str | None:
@@ -252,7 +227,7 @@ def main(argv=None) -> int:
                 print(f"| {C} | {r['direction']} | {r['impl']} | - | - | - | {r['error']} |", flush=True)
     ratios = ratio_lines(rows)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter: not timings)"
-    meta = {"device": device_name, "torch": torch.__version__, "views": args.views, "iters": args.iters,
+    meta = {**provenance(device), "device": device_name, "views": args.views, "iters": args.iters,
             "dot_precision": _dot_precision(),
             "timing": "do_bench median" if device.type == "cuda" else "perf_counter median (CPU)"}
     print(f"\nNewton-Schulz, CUDA vs Triton ({meta['device']}, {args.views} views, T={args.iters}; goal: speedup >= 1.5x)")

@@ -104,15 +104,12 @@ def iternorm_fwd(x: Tensor, iters: int, axis: int) -> IterNormSaved:
 
 def _chain_to_sigma(G: Tensor, S: Tensor, tr: Tensor, Ps: Tensor, Pp: Tensor, n_obs: int) -> Tensor:
     """M = (Sigmabar + Sigmabar^T) / (N - 1) from G = dL/dP_T (SPEC section 5), all (B, ...) fp32."""
-    iters, C = Ps.shape[1], S.shape[-1]
+    iters = Ps.shape[1]
     inv_tr, _ = reference._guarded_scales(tr)
-    eye = torch.eye(C, device=S.device, dtype=S.dtype)
-    P_T = Ps[:, iters - 1] if iters >= 1 else eye
+    P_T = Ps[:, iters - 1] if iters >= 1 else torch.eye(S.shape[-1], device=S.device, dtype=S.dtype)
     # trbar = -0.5 tr^(-3/2) <Wbar, P_T> with G = Wbar / sqrt(tr)
     trbar = -0.5 * inv_tr * (G * P_T).sum((-2, -1))
-    Sbar = newton_schulz_bwd(G, S, Ps, Pp)
-    coef = trbar - (Sbar * S).sum((-2, -1)) * inv_tr
-    sigmabar = Sbar * inv_tr[:, None, None] + coef[:, None, None] * eye
+    sigmabar = reference.sigma_grad(newton_schulz_bwd(G, S, Ps, Pp), S, tr, trbar)
     return (sigmabar + sigmabar.mT) / (n_obs - 1)
 
 

@@ -68,21 +68,13 @@ def output_variances(y: Tensor, axis: int) -> Tensor:
     return a.var(dim=-2, correction=1)
 
 
-def iternorm_fwd(x: Tensor, iters: int, axis: int) -> IterNormSaved:
-    ct = compute_dtype(x.dtype)
-    a = as_observations(x, axis).to(ct)
-    n_obs, C = a.shape[-2], a.shape[-1]
-    mean = a.mean(dim=-2)
-    ac = a - mean.unsqueeze(-2)
-    sigma = ac.mT @ ac / (n_obs - 1)
-    tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)
-    inv_tr, inv_sqrt_tr = _guarded_scales(tr)
-    S = sigma.mul_(inv_tr[..., None, None])
-
-    batch = S.shape[:-2]
+# ------------------------------------------------------------------ the stages (also used by other backends and bench/)
+def newton_schulz_fwd(S: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """The T Newton-Schulz steps of SPEC section 3 on S (*, C, C): (Ps, Pp), Ps = P_1..P_T (*, T, C, C),
+    Pp = (P_k^2, P_k^3) for k = 1..T-1 (*, T-1, 2, C, C). P_T = Ps[..., T-1, :, :] (I when T = 0)."""
+    C, batch = S.shape[-1], S.shape[:-2]
     Ps = S.new_empty(*batch, iters, C, C)
     Pp = S.new_empty(*batch, max(iters - 1, 0), 2, C, C)
-    P = _eye_like(S)
     if iters >= 1:  # P_1 = 1.5 I - 0.5 S in closed form
         P = torch.mul(S, -0.5, out=Ps[..., 0, :, :])
         P.diagonal(dim1=-2, dim2=-1).add_(1.5)
@@ -90,7 +82,52 @@ def iternorm_fwd(x: Tensor, iters: int, axis: int) -> IterNormSaved:
         P2 = torch.matmul(P, P, out=Pp[..., k - 1, 0, :, :])
         P3 = torch.matmul(P2, P, out=Pp[..., k - 1, 1, :, :])
         P = _gemm_(Ps[..., k, :, :].copy_(P), P3, S, beta=1.5, alpha=-0.5)
+    return Ps, Pp
 
+
+def newton_schulz_bwd(G: Tensor, S: Tensor, Ps: Tensor, Pp: Tensor, iters: int) -> Tensor:
+    """Sbar = dL/dS through the T steps (SPEC section 5), given G = dL/dP_T; G is overwritten (it carries
+    dL/dP_k down the steps)."""
+    Sbar = torch.zeros_like(S)
+    for k in range(iters, 0, -1):
+        if k == 1:  # B = P_0 = I: only the S term remains, P_0 needs no gradient
+            Sbar.add_(G, alpha=-0.5)
+            break
+        B = Ps[..., k - 2, :, :]
+        B2 = Pp[..., k - 2, 0, :, :]
+        B3 = Pp[..., k - 2, 1, :, :]
+        _gemm_(Sbar, B3.mT, G, alpha=-0.5)
+        H = G @ S.mT  # every iterate commutes with S: G S B^2 + B G S B + B^2 G S
+        _gemm_(G, H, B2.mT, beta=1.5, alpha=-0.5)
+        _gemm_(G, B2.mT, H, alpha=-0.5)
+        _gemm_(G, B.mT @ H, B.mT, alpha=-0.5)
+        del H
+    return Sbar
+
+
+def sigma_grad(Sbar: Tensor, S: Tensor, tr: Tensor, trbar: Tensor) -> Tensor:
+    """Sigmabar = dL/dSigma from Sbar = dL/dS and trbar = dL/dtr, with S = Sigma / tr (SPEC section 5).
+    Sbar is overwritten (it becomes Sigmabar)."""
+    inv_tr, _ = _guarded_scales(tr)
+    sbar_dot_s = torch.einsum("...ij,...ij->...", Sbar, S)
+    sigmabar = Sbar.mul_(inv_tr[..., None, None])
+    sigmabar.diagonal(dim1=-2, dim2=-1).add_((trbar - sbar_dot_s * inv_tr)[..., None])
+    return sigmabar
+
+
+def iternorm_fwd(x: Tensor, iters: int, axis: int) -> IterNormSaved:
+    ct = compute_dtype(x.dtype)
+    a = as_observations(x, axis).to(ct)
+    n_obs = a.shape[-2]
+    mean = a.mean(dim=-2)
+    ac = a - mean.unsqueeze(-2)
+    sigma = ac.mT @ ac / (n_obs - 1)
+    tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)
+    inv_tr, inv_sqrt_tr = _guarded_scales(tr)
+    S = sigma.mul_(inv_tr[..., None, None])
+
+    Ps, Pp = newton_schulz_fwd(S, iters)
+    P = Ps[..., iters - 1, :, :] if iters >= 1 else _eye_like(S)
     W = P * inv_sqrt_tr[..., None, None]
     if axis == 0:  # write (m, d) = W^T Ac^T directly; the variables are its rows
         y_full = W.mT @ ac.mT
@@ -120,27 +157,9 @@ def iternorm_bwd(grad_y: Tensor, grad_v: Tensor, y: Tensor, x: Tensor, mean: Ten
     acbar = (ybar @ P_T.mT).mul_(inv_sqrt_tr[..., None, None])  # Ybar W^T
     Wbar = ac.mT @ ybar
     trbar = -0.5 * (inv_sqrt_tr * inv_tr) * torch.einsum("...ij,...ij->...", Wbar, P_T)
-    G = Wbar.mul_(inv_sqrt_tr[..., None, None])  # Pbar
-
-    Sbar = torch.zeros_like(S)
-    for k in range(iters, 0, -1):
-        if k == 1:  # B = P_0 = I: only the S term remains, P_0 needs no gradient
-            Sbar.add_(G, alpha=-0.5)
-            break
-        B = Ps[..., k - 2, :, :]
-        B2 = Pp[..., k - 2, 0, :, :]
-        B3 = Pp[..., k - 2, 1, :, :]
-        _gemm_(Sbar, B3.mT, G, alpha=-0.5)
-        H = G @ S.mT  # every iterate commutes with S: G S B^2 + B G S B + B^2 G S
-        _gemm_(G, H, B2.mT, beta=1.5, alpha=-0.5)
-        _gemm_(G, B2.mT, H, alpha=-0.5)
-        _gemm_(G, B.mT @ H, B.mT, alpha=-0.5)
-        del H
-    del G
-
-    sbar_dot_s = torch.einsum("...ij,...ij->...", Sbar, S)
-    sigmabar = Sbar.mul_(inv_tr[..., None, None])
-    sigmabar.diagonal(dim1=-2, dim2=-1).add_((trbar - sbar_dot_s * inv_tr)[..., None])
+    Sbar = newton_schulz_bwd(Wbar.mul_(inv_sqrt_tr[..., None, None]), S, Ps, Pp, iters)  # from Pbar = G
+    del Wbar
+    sigmabar = sigma_grad(Sbar, S, tr, trbar)
     _gemm_(acbar, ac, sigmabar + sigmabar.mT, alpha=1.0 / (n_obs - 1))
     abar = acbar - acbar.mean(dim=-2, keepdim=True)
     return as_observations(abar, axis).to(x.dtype).contiguous()
