@@ -44,7 +44,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ARCH = 90  # compute capability compiled for (H200)
 FUNCTIONS = ("iternorm_fwd", "iternorm_bwd", "trace_loss_fwd", "trace_loss_bwd", "nmse_fwd", "nmse_bwd")
 DTYPES = ("float32", "float16", "bfloat16")
-FALLBACK_MODES = ("auto", "tf32x3", "tf32", "ieee")  # used if kernels._common has no DOT_MODES
 FP32_MATMUL = ("highest", "high")  # torch's fp32 matmul precision: some modes follow it
 ITERS = (1, 4)
 # (input shape, axis). C (variables) = m for axis=0, d for axis=1; N (observations) = the other.
@@ -219,24 +218,20 @@ def enumerate_launches(functions, dtypes, modes, scenarios=SCENARIOS) -> tuple[R
     import torch
 
     bt, common = import_backend()
-    set_mode = getattr(common, "set_dot_precision", None)
-    all_modes = getattr(common, "DOT_MODES", FALLBACK_MODES) if set_mode else (None,)
-    modes = [m for m in all_modes if modes is None or m is None or m in modes]
+    modes = [m for m in common.DOT_MODES if modes is None or m in modes]
     rec = Recorder(functions)
-    old_fp32 = torch.get_float32_matmul_precision()
+    old_fp32, old_mode = torch.get_float32_matmul_precision(), common.get_dot_precision()
     try:
         with rec.patched():
             for mode, fp32, dtype, (shape, axis), iters in itertools.product(modes, FP32_MATMUL, dtypes,
                                                                              scenarios, ITERS):
-                if set_mode:
-                    set_mode(mode)
+                common.set_dot_precision(mode)
                 torch.set_float32_matmul_precision(fp32)
                 exercise(rec, bt, torch, shape, axis, getattr(torch, dtype), iters)
     finally:
         torch.set_float32_matmul_precision(old_fp32)
-        if set_mode:
-            set_mode(getattr(common, "DOT_MODES", FALLBACK_MODES)[0])
-    return rec, [str(m) for m in modes]
+        common.set_dot_precision(old_mode)
+    return rec, modes
 
 
 def unlaunched_kernels(rec: Recorder) -> list[str]:
