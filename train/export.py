@@ -24,6 +24,7 @@ import os
 
 from torch import nn
 
+from ssl_models import backbone_state_dict
 from ssl_run import atomic_save, load_newest_good, read_checkpoint, run_cli
 
 FC = ["fc.bias", "fc.weight"]  # sorted
@@ -44,16 +45,6 @@ def load_checkpoint(path: str) -> tuple[dict, str]:
         raise ExportError(f"{path}: no such file or folder")
     state = read_checkpoint(path, ("net", "args"))  # a ValueError naming the file when it is not one
     return state, path
-
-
-def backbone_state(weights: dict) -> dict:
-    """The backbone.* entries, prefix stripped, without the DDP/compile wrappers' path parts and without fc."""
-    out = {}
-    for key, value in weights.items():
-        key = ".".join(p for p in key.split(".") if p not in ("module", "_orig_mod"))  # no torchvision ResNet part has these names
-        if key.startswith("backbone.") and not key.startswith("backbone.fc."):
-            out[key[len("backbone."):]] = value
-    return out
 
 
 def main(argv=None) -> dict:
@@ -78,7 +69,7 @@ def main(argv=None) -> dict:
 
     if not callable(getattr(torchvision.models, str(arch), None)):
         raise ExportError(f"{source}: arch {arch!r} is not a torchvision model: nothing to export")
-    sd = backbone_state(weights)
+    sd = backbone_state_dict(weights)
 
     # What is written must really load: the torchvision model, strict except the fc it does not hold.
     model = getattr(torchvision.models, arch)()

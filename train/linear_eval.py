@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ssl_data import (DataError, FolderImages, TensorImages, check_image_folder, digits_normalize, load_digits_split,
                       load_rgb, probe_transform, to_model_input)
-from ssl_models import build_backbone, shard_sampler
+from ssl_models import backbone_state_dict, build_backbone, shard_sampler
 from ssl_run import (JsonLog, Progress, StopRequest, atomic_save, barrier, check_same_run, checkpoint_path, cleanup,
                      clear_checkpoints, init_distributed, list_checkpoints, load_newest_good, make_output_dir,
                      prune_checkpoints, read_checkpoint, read_jsonl, resolve_resume, run_cli, run_metadata)
@@ -138,6 +138,7 @@ def evaluate(args, d, stop: StopRequest) -> dict:
     t_start, cuda = time.time(), d.device.type == "cuda"
     if args.batch_size % d.world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {d.world} processes")
+    make_output_dir(args.output_dir)  # every rank: an unusable folder stops them all, before any work
     local_bs, finetune = args.batch_size // d.world, args.mode == "finetune"
     pre, pre_path = load_pretrained(args.pretrained)
     pargs = pre["args"]
@@ -172,11 +173,10 @@ def evaluate(args, d, stop: StopRequest) -> dict:
 
     # Resume (or start over), then the run folder's metadata and log (records of redone epochs go).
     state, resumed_from = resolve_resume(args.resume, args.output_dir, CKPT_KEYS, progress_key="epoch")
-    start_epoch, best = restore(state, resumed_from, args, net, optimizer, len(train_set), data_root)
+    start_epoch, best = restore(state, resumed_from, args, net, optimizer, len(train_set))
     log_path = os.path.join(args.output_dir, "log.jsonl")
 
-    def prepare_folder():
-        make_output_dir(args.output_dir)
+    if d.main:
         if args.resume == "none":
             clear_checkpoints(args.output_dir)
         with open(os.path.join(args.output_dir, "run.json"), "w") as f:
@@ -185,8 +185,7 @@ def evaluate(args, d, stop: StopRequest) -> dict:
         kept = [r for r in read_jsonl(log_path) if r.get("epoch", 0) <= start_epoch]
         with open(log_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
-
-    on_rank0(d, prepare_folder, f"--output-dir {args.output_dir!r}")
+    barrier(d)
     log = JsonLog(log_path if d.main else None)
     if d.main:
         print(f"{args.mode} evaluation of {pre_path} ({pargs['arch']}): {len(train_set)} training images ({split}), "
@@ -243,7 +242,7 @@ def evaluate(args, d, stop: StopRequest) -> dict:
         best = max(best, top1)
         if d.main:
             atomic_save({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                         "best_top1": best, "train_images": len(train_set), "args": vars(args)},
+                         "best_top1": best, "n_train": len(train_set), "args": vars(args)},
                         checkpoint_path(args.output_dir, epoch + 1))
             prune_checkpoints(args.output_dir, 2, CKPT_KEYS)
             mean_loss = total_loss / max(n, 1)
@@ -289,7 +288,7 @@ def build_model(args, pre: dict, pre_path: str, in_channels: int, n_classes: int
     pargs = pre["args"]
     backbone = build_backbone(pargs["arch"], in_channels, pargs["small_stem"])
     try:
-        backbone.load_state_dict({k[len("backbone."):]: v for k, v in pre["net"].items() if k.startswith("backbone.")})
+        backbone.load_state_dict(backbone_state_dict(pre["net"]))
     except RuntimeError as e:
         raise ValueError(f"--pretrained {pre_path!r}: its backbone does not fit {pargs['arch']} "
                          f"({str(e).splitlines()[0]})") from None
@@ -298,14 +297,11 @@ def build_model(args, pre: dict, pre_path: str, in_channels: int, n_classes: int
     return backbone, build_head(args.head, backbone.num_features, n_classes)
 
 
-def restore(state, path, args, net, optimizer, n_train: int, data_root) -> tuple[int, float]:
+def restore(state, path, args, net, optimizer, n_train: int) -> tuple[int, float]:
     """Load a checkpoint of the same evaluation (flags and data size checked): (epochs done, best top-1)."""
     if state is None:
         return 0, 0.0
-    check_same_run(state["args"], vars(args), RESUME_FREE, path)
-    if state.get("train_images", n_train) != n_train:  # --data may move, not change
-        raise DataError(f"{data_root!r} gives {n_train} training images, the run in {path!r} had "
-                        f"{state['train_images']}: not the same dataset")
+    check_same_run(state, vars(args), RESUME_FREE, path, n_train)
     net.load_state_dict(state["net"])
     optimizer.load_state_dict(state["optimizer"])
     return state["epoch"], state["best_top1"]
@@ -433,23 +429,6 @@ def accuracy(net, loader, d, fmt, n_classes: int) -> tuple[float, float]:
     if d.world > 1:
         dist.all_reduce(counts)  # the shard sampler pads a few duplicates: negligible on large splits
     return (counts[0] / counts[2]).item(), (counts[1] / counts[2]).item()
-
-
-def on_rank0(d, fn, what: str) -> None:
-    """fn() on rank 0 only, then every rank raises if it failed: no rank is left waiting at a barrier."""
-    error = None
-    if d.main:
-        try:
-            fn()
-        except (ValueError, OSError) as e:
-            error = e
-    if d.world > 1:
-        failed = torch.tensor([float(error is not None)], device=d.device)
-        dist.all_reduce(failed)  # doubles as the barrier
-        if failed.item() and error is None:
-            raise ValueError(f"rank 0 could not prepare {what} (see its error)")
-    if error is not None:
-        raise error
 
 
 def stopped(args, d, stop: StopRequest, epoch: int, steps: int, total: int, start_epoch: int, resumed_from) -> dict:

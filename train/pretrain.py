@@ -394,10 +394,7 @@ def restore(state, path, args, net, ema, optimizer, n_train: int) -> tuple[int, 
     """Load a checkpoint made by the same run (flags and data size checked): (step, train seconds)."""
     if state is None:
         return 0, 0.0
-    check_same_run(state["args"], vars(args), RESUME_FREE, path)
-    if state.get("n_train", n_train) != n_train:
-        raise DataError(f"the training data holds {n_train} images, the run of {path} had {state['n_train']}: "
-                        f"the sample order would differ (pass the same data or a new --output-dir)")
+    check_same_run(state, vars(args), RESUME_FREE, path, n_train)
     net.load_state_dict(state["net"])
     if ema is not None:
         ema.load_state_dict(state["ema"])

@@ -51,6 +51,17 @@ def build_backbone(arch: str, in_channels: int = 3, small_stem: bool = False, ze
     return net
 
 
+def backbone_state_dict(net_state: dict) -> dict:
+    """The backbone's entries of an INTLNet state_dict, "backbone." stripped (also the "module." and
+    "_orig_mod." parts DDP and torch.compile add), without an fc (the backbones have none: fc = Identity)."""
+    out = {}
+    for key, value in net_state.items():
+        key = ".".join(p for p in key.split(".") if p not in ("module", "_orig_mod"))  # no ResNet part has these names
+        if key.startswith("backbone.") and not key.startswith("backbone.fc."):
+            out[key[len("backbone."):]] = value
+    return out
+
+
 def build_projector(in_dim: int, spec: str) -> nn.Module:
     """SPEC section 7: Linear(no bias)-BN-ReLU for each hidden size, then Linear (bias) to the last.
     spec "8192-8192-8192" = two hidden layers of 8192 and an 8192-d embedding."""

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ssl_data import DataError
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -184,13 +186,18 @@ def resolve_resume(resume: str, out_dir: str, required: tuple[str, ...],
     return state, resume
 
 
-def check_same_run(saved: dict, current: dict, ignore: set[str], path: str) -> None:
-    """Refuse to continue a checkpoint made with different training flags (a silent schedule change)."""
+def check_same_run(state: dict, current: dict, ignore: set[str], path: str, n_train: int) -> None:
+    """Refuse to continue a checkpoint made with different flags (a silent schedule change) or on data of
+    another size (the data may move, e.g. to node-local disk; a different count means other samples)."""
+    saved = state["args"]
     diff = {k: (saved.get(k), v) for k, v in current.items() if k not in ignore and saved.get(k) != v}
     if diff:
         lines = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ValueError(f"checkpoint {path} was made with other flags ({lines}); pass the same flags, "
                          f"a new --output-dir, or --resume none to start over")
+    if state.get("n_train", n_train) != n_train:
+        raise DataError(f"the training data holds {n_train} images, the run of {path} had {state['n_train']}: "
+                        f"the sample order would differ (pass the same data or a new --output-dir)")
 
 
 def make_output_dir(path: str) -> None:
