@@ -20,7 +20,7 @@ train: venv
 # Builds and checks the CUDA extension (cached under build/; skipped without nvcc), then every test (the
 # gpu_check.sh dry run among them: tests/test_gpu_check.py), then the device-versions tier (test-device).
 test: venv
-	$(PYTHON) csrc/cuda_check.py
+	$(PYTHON) tools/cuda_check.py
 	$(PYTHON) -m pytest -q
 	$(MAKE) --no-print-directory test-device
 
@@ -31,11 +31,12 @@ clean:
 	rm -rf build dist *.egg-info runs
 
 # CUDA backend (csrc/): build the extension once (cached under build/), fail on ptxas spills or stack
-# frames, then its CPU-side tests (they reuse the cached build). Skips cleanly without nvcc.
+# frames, then its CPU-side tests (they reuse the cached build) and the install test (an installed copy
+# carries csrc/ and JIT-builds into the user cache). Skips cleanly without nvcc.
 .PHONY: cuda-check
 cuda-check: venv
-	$(PYTHON) csrc/cuda_check.py
-	$(PYTHON) -m pytest -q tests/test_cuda.py
+	$(PYTHON) tools/cuda_check.py
+	$(PYTHON) -m pytest -q tests/test_cuda.py tests/test_install.py
 
 # Device-versions tier: the GPU machine's torch 2.11 / triton 3.6 (requirements-device.txt) in .venv-device,
 # no GPU needed: the interpreter and custom-op tests, the CUDA extension built against torch 2.11's headers
@@ -55,7 +56,7 @@ $(DEV_STAMP): requirements-device.txt pyproject.toml
 
 test-device: venv-device
 	$(DEV_PYTHON) -m pytest -q -W 'ignore:Conversion of an array:DeprecationWarning' tests/test_triton.py tests/test_ops.py
-	INTL_OPS_CUDA_BUILD_DIR=$(CURDIR)/build/device $(DEV_PYTHON) csrc/cuda_check.py
+	INTL_OPS_CUDA_BUILD_DIR=$(CURDIR)/build/device $(DEV_PYTHON) tools/cuda_check.py
 	$(DEV_PYTHON) bench/aot_compile.py --unaligned
 
 # The lent-GPU script (bench/gpu_check.sh) on this CPU machine: every GPU step's CPU / interpreter twin,

@@ -1,5 +1,5 @@
 // Launchers of the intl CUDA kernels (csrc/intl_kernels.cu). Plain C++ on raw pointers so that the
-// .cu file compiles without the torch headers; the op wrappers and checks live in intl_ops.cpp.
+// .cu file compiles without the torch headers; the op wrappers and checks live in intl_cuda.cpp.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime_api.h>
@@ -33,14 +33,27 @@ cudaError_t launch_product_ws(const View& A, DType ta, const View& B, DType tb, 
 cudaError_t launch_product_out(const View& A, DType ta, const View& B, DType tb, void* out, DType to, int64_t osb,
                                int64_t osr, int64_t osc, int batch, bool accumulate, cudaStream_t stream);
 
-// Newton-Schulz forward, one launch (B clusters): from sigma (B, C, C) writes S (B, C, C), tr (B),
-// Ps (B, T, C, C) = P_1..P_T, Pp (B, T-1, 2, C, C) = (P_k^2, P_k^3), v (B, C) = diag(P_T S P_T).
-cudaError_t launch_ns_fwd(const float* sigma, float* S, float* tr, float* Ps, float* Pp, float* v,
-                          int B, int C, int iters, cudaStream_t stream);
+// How the one-launch Newton-Schulz kernels run; every variant computes the same function (benchmark
+// knobs, set by the op intl_cuda::set_ns_variant, to be settled by measurement on an H100/H200).
+struct NsVariant {
+  // forward: the remote operand of each product read through L2 (the copies written to Ps / S anyway)
+  // instead of the cluster's distributed shared memory; bitwise-equal results
+  bool operand_from_l2 = false;
+  // blocks per cluster for 128 < C <= 256: 8 (of 32 rows) or 16 (of 16 rows: a non-portable size, so
+  // 8 x 32 is used where the device cannot hold such a cluster); C <= 128 always runs on 8 x 16
+  int cluster = 8;
+};
 
-// Newton-Schulz backward, one launch: from Wbar = Ac^T Ybar (B, C, C) and the saved S, tr, Ps, Pp,
-// writes M = (Sigmabar + Sigmabar^T) / (n_obs - 1) (B, C, C), so that Acbar += Ac M (SPEC section 5).
+// Newton-Schulz forward, one launch (B clusters): from sigma (B, C, C) writes S (B, C, C), tr (B),
+// Ps (B, T, C, C) = P_1..P_T, powers (B, T-1, 2, C, C) = (P_k^2, P_k^3), v (B, C) = diag(P_T S P_T).
+cudaError_t launch_ns_fwd(const float* sigma, float* S, float* tr, float* Ps, float* powers, float* v,
+                          int B, int C, int iters, NsVariant variant, cudaStream_t stream);
+
+// Newton-Schulz backward, one launch: from Wbar = Ac^T Ybar (B, C, C) and the saved S, tr, Ps, powers,
+// writes M = (Sigmabar + Sigmabar^T) / (n_obs - 1) (B, C, C), so that Acbar += Ac M (docs/math.md §5).
+// Only variant.cluster applies (the backward reads its saved operands from global memory).
 cudaError_t launch_ns_bwd(const float* wbar, const float* S, const float* tr, const float* Ps,
-                          const float* Pp, float* M, int B, int C, int iters, int n_obs, cudaStream_t stream);
+                          const float* powers, float* M, int B, int C, int iters, int n_obs, NsVariant variant,
+                          cudaStream_t stream);
 
 }  // namespace intl_cuda

@@ -1,4 +1,4 @@
-// CUDA kernels of the intl backend (SPEC sections 3 and 5), Hopper (sm_90a):
+// CUDA kernels of the intl backend (docs/math.md §3 and §5), Hopper (sm_90a):
 //   tile_product_kernel   products of strided views with the centring fused into the loads: the centred
 //                         Gram (upper triangle of tiles), y = Ac W and the backward's N x C products
 //   ns_fwd_kernel         the whole Newton-Schulz forward (T steps) in one launch
@@ -8,15 +8,14 @@
 //
 // The Newton-Schulz kernels run one thread-block cluster of CL blocks per C x C problem (C <= 256).
 // Block q of the cluster owns rows [q R, q R + R) of every C x C matrix (CL x R = 8 x 16 for C <= 128,
-// else 8 x 32, or 16 x 16 with INTL_OPS_NS_CLUSTER=16; C is zero-padded to CL R). A product X Y then needs X's rows locally and all of Y: Y's row slab k/R is
-// read straight from block k/R's shared memory (distributed shared memory). Every iterate is a
-// polynomial in S (symmetric, commuting), so each product can be ordered with the changing operand
-// local and only P_{k-1} or S remote: the forward needs one cluster barrier per step.
+// else 8 x 32, or 16 x 16 with NsVariant::cluster = 16; C is zero-padded to CL R). A product X Y then
+// needs X's rows locally and all of Y: Y's row slab k/R is read straight from block k/R's shared memory
+// (distributed shared memory). Every iterate is a polynomial in S (symmetric, commuting), so each
+// product can be ordered with the changing operand local and only P_{k-1} or S remote: the forward
+// needs one cluster barrier per step.
 #include "intl_cuda.h"
 
 #include <cooperative_groups.h>
-#include <cstdlib>
-#include <cstring>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -170,48 +169,91 @@ __device__ __forceinline__ void store_if(float* dst, int i, int c, int C, float 
   if (i < C && c < C) dst[static_cast<size_t>(i) * C + c] = x;
 }
 
+// 1/t and 1/sqrt(t), 0 where t == 0: a constant input (trace 0) gives zero output and gradient.
+__device__ __forceinline__ float guarded_inverse(float t) { return t > 0.f ? 1.f / t : 0.f; }
+__device__ __forceinline__ float guarded_rsqrt(float t) { return t > 0.f ? 1.f / sqrtf(t) : 0.f; }
+
+// The Newton-Schulz kernels' dynamic shared memory: kNsSlabs slabs of R x LD floats, then `rest`.
+constexpr int kNsSlabs = 4;
+
+template <int R, int CL>
+__device__ __forceinline__ float* ns_slab(int q) {
+  extern __shared__ float4 smem4[];
+  return reinterpret_cast<float*>(smem4) + q * Cfg<R, CL>::kSlab;
+}
+
+// Where a Newton-Schulz block works: matrix b of the batch (CC = C * C entries each), slab rows from row0.
+struct NsBlock {
+  size_t b, CC;
+  int rank, row0;
+};
+
+// This block's NsBlock; moves Ps (B, T, C, C) and powers (B, T-1, 2, C, C) to matrix b's saved tensors.
+template <int R, int CL, class Ptr>
+__device__ __forceinline__ NsBlock ns_block(const cg::cluster_group& cluster, int C, int iters, Ptr& Ps, Ptr& powers) {
+  NsBlock k;
+  k.rank = static_cast<int>(cluster.block_rank());
+  k.row0 = k.rank * R;
+  k.b = blockIdx.x / CL;
+  k.CC = static_cast<size_t>(C) * C;
+  Ps += k.b * iters * k.CC;
+  powers += k.b * (iters > 1 ? iters - 1 : 0) * 2 * k.CC;
+  return k;
+}
+
+// acc = X Y restricted to this block's rows (zeroed first): every Newton-Schulz product starts so.
+template <int R, int CL, class AOp, class BOp>
+__device__ __forceinline__ void product(Acc<R, CL>& acc, AOp X, BOp Y) {
+  zero<R, CL>(acc);
+  slab_product<R, CL>(acc, X, Y);
+}
+
 // ------------------------------------------------------------------ Newton-Schulz forward
-// Shared memory: S, B (= P_{k-1}), X (P_k^2, then P_k), Y (P_k^3) slabs + (R + 1) kWarps floats.
 // The remote operand (P_{k-1} or S, the whole matrix) comes from the other blocks' shared memory
 // (kFromL2 = false, the default) or from the copies this kernel writes to Ps / S_out, through L2
-// (kFromL2 = true): which is faster depends on DSMEM vs L2 bandwidth per SM; env INTL_OPS_NS_OPERAND=l2.
-template <int R, int CL, bool kFromL2, class AOp>
-__device__ __forceinline__ void times_full(Acc<R, CL>& acc, AOp X, const float* smem_slab, const float* global, int C) {
+// (kFromL2 = true): which is faster depends on DSMEM vs L2 bandwidth per SM; NsVariant::operand_from_l2.
+// acc = (this block's rows of X, a local slab) times the whole matrix whose slabs are smem_slab across
+// the cluster (or its copy `global`).
+template <int R, int CL, bool kFromL2>
+__device__ __forceinline__ void times_full(Acc<R, CL>& acc, const float* X, const float* smem_slab, const float* global,
+                                           int C) {
   if constexpr (kFromL2) {
-    slab_product<R, CL>(acc, X, GlobalMatrix<true>{global, C, 0});
+    product<R, CL>(acc, LocalSlab<R, CL>{X}, GlobalMatrix<true>{global, C, 0});
   } else {
-    slab_product<R, CL>(acc, X, ClusterMatrix<R, CL>{smem_slab});
+    product<R, CL>(acc, LocalSlab<R, CL>{X}, ClusterMatrix<R, CL>{smem_slab});
   }
+}
+
+// x into row r, column c of this block's slab and of the saved global matrix (first row row0).
+template <int R, int CL>
+__device__ __forceinline__ void keep(float* slab, float* global, int row0, int C, int r, int c, float x) {
+  slab[r * Cfg<R, CL>::LD + c] = x;
+  store_if(global, row0 + r, c, C, x);
 }
 
 template <int R, int CL, bool kFromL2>
 __global__ void __launch_bounds__(kThreads, 1)
     ns_fwd_kernel(const float* __restrict__ sigma, float* __restrict__ S_out, float* __restrict__ tr_out,
-                  float* __restrict__ Ps, float* __restrict__ Pp, float* __restrict__ v_out, int C, int iters) {
+                  float* __restrict__ Ps, float* __restrict__ powers, float* __restrict__ v_out, int C, int iters) {
   using K = Cfg<R, CL>;
-  extern __shared__ float4 smem4[];
-  float* Ss = reinterpret_cast<float*>(smem4);
-  float* Bs = Ss + K::kSlab;
-  float* Xs = Bs + K::kSlab;
-  float* Ys = Xs + K::kSlab;
-  float* vpart = Ys + K::kSlab;        // kWarps x R floats
-  float* scratch = vpart + kWarps * R;  // kWarps floats
+  // S, B (= P_{k-1}), X (P_k^2, then P_k), Y (P_k^3); after them kWarps x R floats, then kWarps floats
+  float *Ss = ns_slab<R, CL>(0), *Bs = ns_slab<R, CL>(1), *Xs = ns_slab<R, CL>(2), *Ys = ns_slab<R, CL>(3);
+  float* vpart = ns_slab<R, CL>(kNsSlabs);
+  float* scratch = vpart + kWarps * R;
 
   cg::cluster_group cluster = cg::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int row0 = rank * R;
-  const size_t b = blockIdx.x / CL, CC = static_cast<size_t>(C) * C;
+  const NsBlock blk = ns_block<R, CL>(cluster, C, iters, Ps, powers);
+  const int rank = blk.rank, row0 = blk.row0;
+  const size_t b = blk.b, CC = blk.CC;
   sigma += b * CC;
   S_out += b * CC;
-  Ps += b * iters * CC;
-  Pp += b * (iters > 1 ? iters - 1 : 0) * 2 * CC;
   v_out += b * C;
 
   // tr = trace(Sigma): every block sums the C diagonal entries itself.
   float part = 0.f;
   for (int i = threadIdx.x; i < C; i += kThreads) part += sigma[static_cast<size_t>(i) * (C + 1)];
   const float tr = block_sum(part, scratch);
-  const float inv_tr = tr > 0.f ? 1.f / tr : 0.f;  // constant input: S = 0, y = 0 (as the reference)
+  const float inv_tr = guarded_inverse(tr);  // constant input: S = 0, y = 0 (as the reference)
   if (rank == 0 && threadIdx.x == 0) tr_out[b] = tr;
 
   // S = Sigma / tr and B = P_1 = 1.5 I - 0.5 S (P_0 = I when iters == 0), zero-padded.
@@ -232,33 +274,22 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   Acc<R, CL> acc;
   for (int k = 2; k <= iters; ++k) {
-    float* P2g = Pp + static_cast<size_t>(k - 2) * 2 * CC;
+    float* P2g = powers + static_cast<size_t>(k - 2) * 2 * CC;
     float* P3g = P2g + CC;
     float* Pkg = Ps + static_cast<size_t>(k - 1) * CC;
     const float* Bg = Pkg - CC;  // P_{k-1}, as written to Ps
     // X = B^2 (local B rows times the cluster's B)
-    zero<R, CL>(acc);
-    times_full<R, CL, kFromL2>(acc, LocalSlab<R, CL>{Bs}, Bs, Bg, C);
-    for_each_acc<R, CL>(acc, [&](int r, int c, float x) {
-      Xs[r * K::LD + c] = x;
-      store_if(P2g, row0 + r, c, C, x);
-    });
+    times_full<R, CL, kFromL2>(acc, Bs, Bs, Bg, C);
+    for_each_acc<R, CL>(acc, [&](int r, int c, float x) { keep<R, CL>(Xs, P2g, row0, C, r, c, x); });
     __syncthreads();
     // Y = B^3 = X B
-    zero<R, CL>(acc);
-    times_full<R, CL, kFromL2>(acc, LocalSlab<R, CL>{Xs}, Bs, Bg, C);
-    for_each_acc<R, CL>(acc, [&](int r, int c, float x) {
-      Ys[r * K::LD + c] = x;
-      store_if(P3g, row0 + r, c, C, x);
-    });
+    times_full<R, CL, kFromL2>(acc, Xs, Bs, Bg, C);
+    for_each_acc<R, CL>(acc, [&](int r, int c, float x) { keep<R, CL>(Ys, P3g, row0, C, r, c, x); });
     __syncthreads();
     // P_k = 1.5 B - 0.5 Y S, written over X (only ever read locally)
-    zero<R, CL>(acc);
-    times_full<R, CL, kFromL2>(acc, LocalSlab<R, CL>{Ys}, Ss, S_out, C);
+    times_full<R, CL, kFromL2>(acc, Ys, Ss, S_out, C);
     for_each_acc<R, CL>(acc, [&](int r, int c, float x) {
-      const float p = 1.5f * Bs[r * K::LD + c] - 0.5f * x;
-      Xs[r * K::LD + c] = p;
-      store_if(Pkg, row0 + r, c, C, p);
+      keep<R, CL>(Xs, Pkg, row0, C, r, c, 1.5f * Bs[r * K::LD + c] - 0.5f * x);
     });
     cluster.sync();  // every block has finished reading the old B; the new P_k is complete
     float* tmp = Bs;
@@ -267,8 +298,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // v_i = (P_T S P_T)_ii = sum_c (P_T S)_ic (P_T)_ic, P_T symmetric: the output variances.
-  zero<R, CL>(acc);
-  times_full<R, CL, kFromL2>(acc, LocalSlab<R, CL>{Bs}, Ss, S_out, C);
+  times_full<R, CL, kFromL2>(acc, Bs, Ss, S_out, C);
   {
     using KK = Cfg<R, CL>;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -299,36 +329,31 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ------------------------------------------------------------------ Newton-Schulz backward
-// SPEC section 5, k = T..2 with B = P_{k-1}, G = Pbar (not symmetric), H = G S:
+// docs/math.md §5, k = T..2 with B = P_{k-1}, G = Pbar (not symmetric), H = G S:
 //   Sbar -= 0.5 B^3 G;   G = 1.5 G - 0.5 (H B^2 + B (H B) + B^2 H)
 // then Sbar -= 0.5 G (k = 1). G, H, H B and Sbar live in shared slabs; S, B, B^2, B^3 are read
 // from global memory (the saved forward tensors, L2-resident).
 template <int R, int CL>
 __global__ void __launch_bounds__(kThreads, 1)
     ns_bwd_kernel(const float* __restrict__ wbar, const float* __restrict__ S, const float* __restrict__ tr_in,
-                  const float* __restrict__ Ps, const float* __restrict__ Pp, float* __restrict__ M, int C,
+                  const float* __restrict__ Ps, const float* __restrict__ powers, float* __restrict__ M, int C,
                   int iters, int n_obs) {
   using K = Cfg<R, CL>;
-  extern __shared__ float4 smem4[];
-  float* Gs = reinterpret_cast<float*>(smem4);
-  float* Hs = Gs + K::kSlab;
-  float* HBs = Hs + K::kSlab;
-  float* Sb = HBs + K::kSlab;
-  float* dots = Sb + K::kSlab;  // 2 floats: this block's <Wbar, P_T> and <Sbar, S>
-  float* scratch = dots + 2;    // kWarps floats
+  // G, H, H B, Sbar; after them 2 floats (this block's <Wbar, P_T> and <Sbar, S>), then kWarps floats
+  float *Gs = ns_slab<R, CL>(0), *Hs = ns_slab<R, CL>(1), *HBs = ns_slab<R, CL>(2), *Sb = ns_slab<R, CL>(3);
+  float* dots = ns_slab<R, CL>(kNsSlabs);
+  float* scratch = dots + 2;
 
   cg::cluster_group cluster = cg::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int row0 = rank * R;
-  const size_t b = blockIdx.x / CL, CC = static_cast<size_t>(C) * C;
+  const NsBlock blk = ns_block<R, CL>(cluster, C, iters, Ps, powers);
+  const int row0 = blk.row0;
+  const size_t b = blk.b, CC = blk.CC;
   wbar += b * CC;
   S += b * CC;
-  Ps += b * iters * CC;
-  Pp += b * (iters > 1 ? iters - 1 : 0) * 2 * CC;
   M += b * CC;
   const float tr = tr_in[b];
-  const float inv_tr = tr > 0.f ? 1.f / tr : 0.f;
-  const float inv_sqrt_tr = tr > 0.f ? 1.f / sqrtf(tr) : 0.f;
+  const float inv_tr = guarded_inverse(tr);
+  const float inv_sqrt_tr = guarded_rsqrt(tr);
   const float* PT = iters >= 1 ? Ps + static_cast<size_t>(iters - 1) * CC : nullptr;
 
   // G = Pbar = Wbar / sqrt(tr); <Wbar, P_T> for trbar; Sbar = 0.
@@ -347,22 +372,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   Acc<R, CL> acc;
   for (int k = iters; k >= 2; --k) {
     const float* Bg = Ps + static_cast<size_t>(k - 2) * CC;
-    const float* B2g = Pp + static_cast<size_t>(k - 2) * 2 * CC;
+    const float* B2g = powers + static_cast<size_t>(k - 2) * 2 * CC;
     const float* B3g = B2g + CC;
     // Sbar -= 0.5 B^3 G (G from the cluster); H = G S
-    zero<R, CL>(acc);
-    slab_product<R, CL>(acc, GlobalMatrix<>{B3g, C, row0}, ClusterMatrix<R, CL>{Gs});
+    product<R, CL>(acc, GlobalMatrix<>{B3g, C, row0}, ClusterMatrix<R, CL>{Gs});
     for_each_acc<R, CL>(acc, [&](int r, int c, float x) { Sb[r * K::LD + c] -= 0.5f * x; });
-    zero<R, CL>(acc);
-    slab_product<R, CL>(acc, LocalSlab<R, CL>{Gs}, GlobalMatrix<>{S, C, 0});
+    product<R, CL>(acc, LocalSlab<R, CL>{Gs}, GlobalMatrix<>{S, C, 0});
     for_each_acc<R, CL>(acc, [&](int r, int c, float x) { Hs[r * K::LD + c] = x; });
     cluster.sync();  // H complete; every block is done reading G
     // HB = H B; acc = H B^2 + B^2 H
-    zero<R, CL>(acc);
-    slab_product<R, CL>(acc, LocalSlab<R, CL>{Hs}, GlobalMatrix<>{Bg, C, 0});
+    product<R, CL>(acc, LocalSlab<R, CL>{Hs}, GlobalMatrix<>{Bg, C, 0});
     for_each_acc<R, CL>(acc, [&](int r, int c, float x) { HBs[r * K::LD + c] = x; });
-    zero<R, CL>(acc);
-    slab_product<R, CL>(acc, LocalSlab<R, CL>{Hs}, GlobalMatrix<>{B2g, C, 0});
+    product<R, CL>(acc, LocalSlab<R, CL>{Hs}, GlobalMatrix<>{B2g, C, 0});
     slab_product<R, CL>(acc, GlobalMatrix<>{B2g, C, row0}, ClusterMatrix<R, CL>{Hs});
     cluster.sync();  // HB complete
     // acc += B (H B); G = 1.5 G - 0.5 acc
@@ -519,24 +540,31 @@ __global__ void __launch_bounds__(kGThreads)
       }
 }
 
+// The launch of `blocks` blocks of kThreads threads in clusters of CL, with `smem` bytes of dynamic
+// shared memory each; `attr` holds the cluster size and must outlive the returned config.
+inline cudaLaunchConfig_t cluster_config(cudaLaunchAttribute& attr, int CL, int blocks, size_t smem, cudaStream_t stream) {
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = CL;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 // Launches B clusters of CL blocks of kThreads threads with `smem` bytes of dynamic shared memory each.
 template <class... Params, class... Args>
 cudaError_t launch_clusters(void (*kernel)(Params...), int CL, int B, size_t smem, cudaStream_t stream, Args... args) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err == cudaSuccess && CL > 8) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   if (err != cudaSuccess) return err;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = CL;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(B * CL);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(attr, CL, B * CL, smem, stream);
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
@@ -548,17 +576,8 @@ bool cluster_fits(void (*kernel)(Params...), int CL, size_t smem) {
     cudaGetLastError();
     return false;
   }
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = CL;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(CL);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(attr, CL, CL, smem, nullptr);
   int clusters = 0;
   const bool ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0;
   cudaGetLastError();  // clear a sticky-free error from the query
@@ -567,10 +586,10 @@ bool cluster_fits(void (*kernel)(Params...), int CL, size_t smem) {
 
 template <int R, int CL, bool kFromL2>
 struct NsFwd {
-  static constexpr size_t kSmem = (4 * Cfg<R, CL>::kSlab + (R + 1) * kWarps) * sizeof(float);
-  static cudaError_t launch(const float* sigma, float* S, float* tr, float* Ps, float* Pp, float* v, int B, int C,
+  static constexpr size_t kSmem = (kNsSlabs * Cfg<R, CL>::kSlab + (R + 1) * kWarps) * sizeof(float);
+  static cudaError_t launch(const float* sigma, float* S, float* tr, float* Ps, float* powers, float* v, int B, int C,
                             int iters, cudaStream_t stream) {
-    return launch_clusters(ns_fwd_kernel<R, CL, kFromL2>, CL, B, kSmem, stream, sigma, S, tr, Ps, Pp, v, C, iters);
+    return launch_clusters(ns_fwd_kernel<R, CL, kFromL2>, CL, B, kSmem, stream, sigma, S, tr, Ps, powers, v, C, iters);
   }
   static bool fits() {
     static const bool ok = cluster_fits(ns_fwd_kernel<R, CL, kFromL2>, CL, kSmem);
@@ -580,28 +599,16 @@ struct NsFwd {
 
 template <int R, int CL>
 struct NsBwd {
-  static constexpr size_t kSmem = (4 * Cfg<R, CL>::kSlab + 2 + kWarps) * sizeof(float);
-  static cudaError_t launch(const float* wbar, const float* S, const float* tr, const float* Ps, const float* Pp, float* M,
-                            int B, int C, int iters, int n_obs, cudaStream_t stream) {
-    return launch_clusters(ns_bwd_kernel<R, CL>, CL, B, kSmem, stream, wbar, S, tr, Ps, Pp, M, C, iters, n_obs);
+  static constexpr size_t kSmem = (kNsSlabs * Cfg<R, CL>::kSlab + 2 + kWarps) * sizeof(float);
+  static cudaError_t launch(const float* wbar, const float* S, const float* tr, const float* Ps, const float* powers,
+                            float* M, int B, int C, int iters, int n_obs, cudaStream_t stream) {
+    return launch_clusters(ns_bwd_kernel<R, CL>, CL, B, kSmem, stream, wbar, S, tr, Ps, powers, M, C, iters, n_obs);
   }
   static bool fits() {
     static const bool ok = cluster_fits(ns_bwd_kernel<R, CL>, CL, kSmem);
     return ok;
   }
 };
-
-bool env_is(const char* name, const char* value) {
-  const char* env = std::getenv(name);
-  return env != nullptr && std::strcmp(env, value) == 0;
-}
-
-// Benchmark knobs, read at every launch (to be settled by measurement on an H100/H200):
-//   INTL_OPS_NS_OPERAND=l2   the forward's remote operand through L2 instead of distributed shared memory
-//   INTL_OPS_NS_CLUSTER=16   128 < C <= 256 on clusters of 16 blocks of 16 rows (non-portable size; falls
-//                            back to 8 blocks of 32 rows where the device cannot hold such a cluster)
-bool operand_from_l2() { return env_is("INTL_OPS_NS_OPERAND", "l2"); }
-bool wide_cluster() { return env_is("INTL_OPS_NS_CLUSTER", "16"); }
 
 // How the k range is split: `per` (a multiple of kGK) per split, enough splits to fill ~2 waves of
 // 132 SMs with the tiles, each split at least 4 shared tiles long.
@@ -677,24 +684,25 @@ cudaError_t launch_product_out(const View& A, DType ta, const View& B, DType tb,
                                                              batch, 1, per, false, accumulate, stream);
 }
 
-cudaError_t launch_ns_fwd(const float* sigma, float* S, float* tr, float* Ps, float* Pp, float* v, int B, int C,
-                          int iters, cudaStream_t stream) {
-  const bool l2 = operand_from_l2();
+cudaError_t launch_ns_fwd(const float* sigma, float* S, float* tr, float* Ps, float* powers, float* v, int B, int C,
+                          int iters, NsVariant variant, cudaStream_t stream) {
+  const bool l2 = variant.operand_from_l2;
   if (C <= 128)
-    return l2 ? NsFwd<16, 8, true>::launch(sigma, S, tr, Ps, Pp, v, B, C, iters, stream)
-              : NsFwd<16, 8, false>::launch(sigma, S, tr, Ps, Pp, v, B, C, iters, stream);
-  if (wide_cluster() && (l2 ? NsFwd<16, 16, true>::fits() : NsFwd<16, 16, false>::fits()))
-    return l2 ? NsFwd<16, 16, true>::launch(sigma, S, tr, Ps, Pp, v, B, C, iters, stream)
-              : NsFwd<16, 16, false>::launch(sigma, S, tr, Ps, Pp, v, B, C, iters, stream);
-  return l2 ? NsFwd<32, 8, true>::launch(sigma, S, tr, Ps, Pp, v, B, C, iters, stream)
-            : NsFwd<32, 8, false>::launch(sigma, S, tr, Ps, Pp, v, B, C, iters, stream);
+    return l2 ? NsFwd<16, 8, true>::launch(sigma, S, tr, Ps, powers, v, B, C, iters, stream)
+              : NsFwd<16, 8, false>::launch(sigma, S, tr, Ps, powers, v, B, C, iters, stream);
+  if (variant.cluster == 16 && (l2 ? NsFwd<16, 16, true>::fits() : NsFwd<16, 16, false>::fits()))
+    return l2 ? NsFwd<16, 16, true>::launch(sigma, S, tr, Ps, powers, v, B, C, iters, stream)
+              : NsFwd<16, 16, false>::launch(sigma, S, tr, Ps, powers, v, B, C, iters, stream);
+  return l2 ? NsFwd<32, 8, true>::launch(sigma, S, tr, Ps, powers, v, B, C, iters, stream)
+            : NsFwd<32, 8, false>::launch(sigma, S, tr, Ps, powers, v, B, C, iters, stream);
 }
 
-cudaError_t launch_ns_bwd(const float* wbar, const float* S, const float* tr, const float* Ps, const float* Pp, float* M,
-                          int B, int C, int iters, int n_obs, cudaStream_t stream) {
-  if (C <= 128) return NsBwd<16, 8>::launch(wbar, S, tr, Ps, Pp, M, B, C, iters, n_obs, stream);
-  if (wide_cluster() && NsBwd<16, 16>::fits()) return NsBwd<16, 16>::launch(wbar, S, tr, Ps, Pp, M, B, C, iters, n_obs, stream);
-  return NsBwd<32, 8>::launch(wbar, S, tr, Ps, Pp, M, B, C, iters, n_obs, stream);
+cudaError_t launch_ns_bwd(const float* wbar, const float* S, const float* tr, const float* Ps, const float* powers,
+                          float* M, int B, int C, int iters, int n_obs, NsVariant variant, cudaStream_t stream) {
+  if (C <= 128) return NsBwd<16, 8>::launch(wbar, S, tr, Ps, powers, M, B, C, iters, n_obs, stream);
+  if (variant.cluster == 16 && NsBwd<16, 16>::fits())
+    return NsBwd<16, 16>::launch(wbar, S, tr, Ps, powers, M, B, C, iters, n_obs, stream);
+  return NsBwd<32, 8>::launch(wbar, S, tr, Ps, powers, M, B, C, iters, n_obs, stream);
 }
 
 }  // namespace intl_cuda

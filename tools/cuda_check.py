@@ -1,8 +1,10 @@
 """`make cuda-check`, part 1: build the extension (cached) and vet ptxas' resource report of every kernel.
 
-Builds csrc/ once with intl_ops.backend_cuda.build() (the cache that tests/test_cuda.py and the cuda
-backend then reuse: no second compile), prints registers / static shared memory / stack frame / spills
-per kernel, and exits 1 if any kernel spills or has a stack frame (every kernel here is a hot one).
+Builds csrc/ once with intl_ops.backend_cuda.build(), i.e. with intl_ops/cuda_build.py, the build
+definition that `pip install` (setup.py) uses too: same sources and flags (the cache that
+tests/test_cuda.py and the cuda backend then reuse: no second compile). Prints registers / static shared
+memory / stack frame / spills per kernel, and exits 1 if any kernel spills or has a stack frame (every
+kernel here is a hot one).
 When ninja finds nothing to recompile, the report saved by the last compile of the .cu is shown.
 Without a CUDA toolkit it says why and exits 0 (nothing to check).
 """

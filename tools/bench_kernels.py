@@ -1,11 +1,12 @@
 """Times the CUDA backend's kernels and its knobs on a GPU (the lent machine), to settle the defaults.
 
-    python csrc/bench_kernels.py [--views 2 --m 256 --d 8192 --iters 4] [--out DIR]
+    python tools/bench_kernels.py [--views 2 --m 256 --d 8192 --iters 4] [--out DIR]
 
 At the reference default (K views of 256 x 8192, axis=0: C = 256, N = 8192) it times, with CUDA
 events (median, p20, p80 over repeats after warm-up):
-  - the one-launch Newton-Schulz forward / backward (torch.ops.intl_cuda.ns_fwd / ns_bwd) for each knob
-    setting (remote operand from DSMEM or L2; clusters of 8 or 16 blocks), against the reference loop;
+  - the one-launch Newton-Schulz forward / backward (torch.ops.intl_cuda.ns_fwd / ns_bwd) for each kernel
+    variant (backend_cuda.set_ns_variant: remote operand from DSMEM or L2; clusters of 8 or 16 blocks),
+    against the reference loop;
   - the centred Gram and the three N x C products against their torch equivalents (fp32 cuBLAS);
   - iternorm_fwd and fwd+bwd of intl_loss for every backend that is available (reference, triton, cuda).
 Prints a markdown table and writes bench_kernels.json / .md under --out (default $OUT if set).
@@ -13,6 +14,7 @@ Prints a markdown table and writes bench_kernels.json / .md under --out (default
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -25,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import intl_ops  # noqa: E402
 from intl_ops import backend_cuda, reference  # noqa: E402
 
-KNOBS = {"dsmem, 8": {}, "l2, 8": {"INTL_OPS_NS_OPERAND": "l2"}, "dsmem, 16": {"INTL_OPS_NS_CLUSTER": "16"},
-         "l2, 16": {"INTL_OPS_NS_OPERAND": "l2", "INTL_OPS_NS_CLUSTER": "16"}}
+# every (operand, cluster) of backend_cuda.set_ns_variant: ("dsmem", 8), ("dsmem", 16), ("l2", 8), ("l2", 16)
+NS_VARIANTS = list(itertools.product(backend_cuda.NS_OPERANDS, backend_cuda.NS_CLUSTERS))
 
 
 def timeit(fn, reps: int = 50, warmup: int = 10) -> dict:
@@ -42,12 +44,6 @@ def timeit(fn, reps: int = 50, warmup: int = 10) -> dict:
         times.append(start.elapsed_time(end) * 1e3)  # us
     q = statistics.quantiles(times, n=10)
     return {"median_us": statistics.median(times), "p20_us": q[1], "p80_us": q[7]}
-
-
-def set_knobs(knobs: dict) -> None:
-    for key in ("INTL_OPS_NS_OPERAND", "INTL_OPS_NS_CLUSTER"):
-        os.environ.pop(key, None)
-    os.environ.update(knobs)
 
 
 def ns_reference(S: torch.Tensor, iters: int):
@@ -77,7 +73,7 @@ def main() -> None:
     a = reference.as_observations(x, 0)
     mean = a.mean(1)
     sigma = torch.ops.intl_cuda.centered_gram(a, mean)
-    S, tr, Ps, Pp, v = torch.ops.intl_cuda.ns_fwd(sigma, T)
+    S, tr, Ps, powers, v = torch.ops.intl_cuda.ns_fwd(sigma, T)
     wbar = torch.randn_like(S)
     rows = []
 
@@ -87,11 +83,12 @@ def main() -> None:
         print(f"| {what} | {variant} | {r['median_us']:.1f} | {r['p20_us']:.1f} | {r['p80_us']:.1f} |", flush=True)
 
     print("| what | variant | median us | p20 | p80 |\n|---|---|---|---|---|")
-    for name, knobs in KNOBS.items():
-        set_knobs(knobs)
+    for operand, cluster in NS_VARIANTS:
+        backend_cuda.set_ns_variant(operand=operand, cluster=cluster)
+        name = f"{operand}, {cluster}"
         add("ns_fwd (one launch)", name, lambda: torch.ops.intl_cuda.ns_fwd(sigma, T))
-        add("ns_bwd (one launch)", name, lambda: torch.ops.intl_cuda.ns_bwd(wbar, S, tr, Ps, Pp, T, a.shape[1]))
-    set_knobs({})
+        add("ns_bwd (one launch)", name, lambda: torch.ops.intl_cuda.ns_bwd(wbar, S, tr, Ps, powers, T, a.shape[1]))
+    backend_cuda.set_ns_variant()  # the defaults for the rest
     add("Newton-Schulz forward", "reference (torch)", lambda: ns_reference(S, T))
     add("centred Gram", "cuda kernel", lambda: torch.ops.intl_cuda.centered_gram(a, mean))
     add("centred Gram", "torch", lambda: (lambda ac: ac.mT @ ac / (a.shape[1] - 1))(a - a.mean(1, keepdim=True)))

@@ -1,13 +1,12 @@
 """One small forward + backward of every CUDA kernel, for compute-sanitizer (GPU machine only):
 
-    compute-sanitizer --tool memcheck  --error-exitcode 1 python csrc/sanitize_run.py
-    compute-sanitizer --tool racecheck --error-exitcode 1 python csrc/sanitize_run.py
+    compute-sanitizer --tool memcheck  --error-exitcode 1 python tools/sanitize_run.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 python tools/sanitize_run.py
 
 Shapes: C = 37 (R = 16 slabs) and C = 200 (R = 32) through the one-launch Newton-Schulz kernels,
 C = 300 through the centred Gram alone; fp32 and bf16 inputs, both axes, a batch of 2 views; each
-kernel variant (INTL_OPS_NS_OPERAND=l2, INTL_OPS_NS_CLUSTER=16).
+Newton-Schulz kernel variant (backend_cuda.set_ns_variant: operand "dsmem" / "l2", cluster 8 / 16).
 """
-import os
 import sys
 from pathlib import Path
 
@@ -18,10 +17,8 @@ from intl_ops import backend_cuda, iternorm, intl_loss  # noqa: E402
 
 print(backend_cuda.build())
 # every kernel variant: the default, the forward's operand through L2, clusters of 16 blocks
-for knobs in ({}, {"INTL_OPS_NS_OPERAND": "l2"}, {"INTL_OPS_NS_CLUSTER": "16"}):
-    os.environ.pop("INTL_OPS_NS_OPERAND", None)
-    os.environ.pop("INTL_OPS_NS_CLUSTER", None)
-    os.environ.update(knobs)
+for operand, cluster in (("dsmem", 8), ("l2", 8), ("dsmem", 16)):
+    backend_cuda.set_ns_variant(operand=operand, cluster=cluster)
     for dtype in (torch.float32, torch.bfloat16):
         for m, d, axis in ((37, 53, 0), (61, 200, 1), (300, 40, 0)):
             x = torch.randn(m, d, device="cuda", dtype=dtype, requires_grad=True)
@@ -29,4 +26,5 @@ for knobs in ({}, {"INTL_OPS_NS_OPERAND": "l2"}, {"INTL_OPS_NS_CLUSTER": "16"}):
             v = torch.randn(2, m, d, device="cuda", dtype=dtype, requires_grad=True)
             intl_loss(v, 3, axis, backend="cuda").backward()
 torch.cuda.synchronize()
+backend_cuda.set_ns_variant()  # the defaults again
 print("sanitize_run: done")

@@ -1,5 +1,5 @@
 // Registration of the intl CUDA kernels as torch ops: torch.ops.intl_cuda.{centered_gram, centered_matmul,
-// centered_tmatmul, grad_input, ns_fwd, ns_bwd}.
+// centered_tmatmul, grad_input, ns_fwd, ns_bwd}, and set_ns_variant / ns_variant (how ns_fwd / ns_bwd run).
 // Schemas are defined once (TORCH_LIBRARY); the CUDA key gets the implementations; the CPU key gets the
 // same functions, whose first check rejects a non-CUDA tensor with a message naming the argument.
 // There are no pybind functions: importing intl_ops._C (or loading the library) runs the registrations.
@@ -10,7 +10,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <climits>
+#include <string_view>
 
 #include "intl_cuda.h"
 
@@ -164,7 +166,25 @@ at::Tensor grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor
   return out;
 }
 
-// One-launch Newton-Schulz forward: (S, tr, Ps, Pp, v) from sigma (B, C, C), C <= 256.
+// The Newton-Schulz variant of every later ns_fwd / ns_bwd launch, process-wide (atomic: ops may run on
+// several threads). Set explicitly, never read from the environment: a run states what it measures.
+std::atomic<NsVariant> g_ns_variant{NsVariant{}};
+
+void set_ns_variant(std::string_view operand, int64_t cluster) {
+  TORCH_CHECK(operand == "dsmem" || operand == "l2", "operand must be 'dsmem' or 'l2', got '", operand, "'");
+  TORCH_CHECK(cluster == 8 || cluster == 16, "cluster must be 8 or 16, got ", cluster);
+  NsVariant v;
+  v.operand_from_l2 = operand == "l2";
+  v.cluster = static_cast<int>(cluster);
+  g_ns_variant.store(v);
+}
+
+std::tuple<std::string_view, int64_t> ns_variant() {
+  const NsVariant v = g_ns_variant.load();
+  return {v.operand_from_l2 ? "l2" : "dsmem", v.cluster};  // string literals: static storage
+}
+
+// One-launch Newton-Schulz forward: (S, tr, Ps, powers, v) from sigma (B, C, C), C <= 256.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ns_fwd(const at::Tensor& sigma, int64_t iters) {
   check_cuda(sigma, "sigma");
   check_f32(sigma, "sigma");
@@ -177,20 +197,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ns_fwd(co
   TORCH_CHECK(B <= (INT_MAX / 8), "sigma has too many matrices: ", B);
   const auto opt = sigma.options();
   at::Tensor S = at::empty({B, C, C}, opt), tr = at::empty({B}, opt), v = at::empty({B, C}, opt);
-  at::Tensor Ps = at::empty({B, iters, C, C}, opt), Pp = at::empty({B, std::max<int64_t>(iters - 1, 0), 2, C, C}, opt);
-  if (B == 0) return {S, tr, Ps, Pp, v};
+  at::Tensor Ps = at::empty({B, iters, C, C}, opt);
+  at::Tensor powers = at::empty({B, std::max<int64_t>(iters - 1, 0), 2, C, C}, opt);
+  if (B == 0) return {S, tr, Ps, powers, v};
   const c10::cuda::CUDAGuard guard(sigma.device());
   const at::Tensor sg = sigma.contiguous();
   check_launch(launch_ns_fwd(sg.data_ptr<float>(), S.data_ptr<float>(), tr.data_ptr<float>(), Ps.data_ptr<float>(),
-                             Pp.data_ptr<float>(), v.data_ptr<float>(), static_cast<int>(B), static_cast<int>(C),
-                             static_cast<int>(iters), current_stream()),
+                             powers.data_ptr<float>(), v.data_ptr<float>(), static_cast<int>(B), static_cast<int>(C),
+                             static_cast<int>(iters), g_ns_variant.load(), current_stream()),
                "ns_fwd");
-  return {S, tr, Ps, Pp, v};
+  return {S, tr, Ps, powers, v};
 }
 
 // One-launch Newton-Schulz backward: M = (Sigmabar + Sigmabar^T) / (n_obs - 1) from Wbar = Ac^T Ybar.
 at::Tensor ns_bwd(const at::Tensor& wbar, const at::Tensor& S, const at::Tensor& tr, const at::Tensor& Ps,
-                  const at::Tensor& Pp, int64_t iters, int64_t n_obs) {
+                  const at::Tensor& powers, int64_t iters, int64_t n_obs) {
   check_cuda(wbar, "wbar");
   check_f32(wbar, "wbar");
   TORCH_CHECK(wbar.dim() == 3 && wbar.size(1) == wbar.size(2), "wbar must be 3-D (B, C, C), got shape ", wbar.sizes());
@@ -200,7 +221,8 @@ at::Tensor ns_bwd(const at::Tensor& wbar, const at::Tensor& S, const at::Tensor&
   TORCH_CHECK(iters >= 0 && iters <= 1000, "iters must be in [0, 1000], got ", iters);
   TORCH_CHECK(n_obs >= 2, "n_obs must be at least 2, got ", n_obs);
   TORCH_CHECK(B <= (INT_MAX / 8), "wbar has too many matrices: ", B);
-  const std::pair<const at::Tensor*, const char*> saved[] = {{&S, "S"}, {&tr, "tr"}, {&Ps, "Ps"}, {&Pp, "Pp"}};
+  const std::pair<const at::Tensor*, const char*> saved[] = {
+      {&S, "S"}, {&tr, "tr"}, {&Ps, "Ps"}, {&powers, "powers"}};
   for (const auto& [t, name] : saved) {
     check_same_device(*t, name, wbar, "wbar");
     check_f32(*t, name);
@@ -208,15 +230,15 @@ at::Tensor ns_bwd(const at::Tensor& wbar, const at::Tensor& S, const at::Tensor&
   check_shape(S, "S", {B, C, C});
   check_shape(tr, "tr", {B});
   check_shape(Ps, "Ps", {B, iters, C, C});
-  check_shape(Pp, "Pp", {B, std::max<int64_t>(iters - 1, 0), 2, C, C});
+  check_shape(powers, "powers", {B, std::max<int64_t>(iters - 1, 0), 2, C, C});
   at::Tensor M = at::empty({B, C, C}, wbar.options());
   if (B == 0) return M;
   const c10::cuda::CUDAGuard guard(wbar.device());
   const at::Tensor w = wbar.contiguous(), s = S.contiguous(), t = tr.contiguous(), ps = Ps.contiguous(),
-                   pp = Pp.contiguous();
+                   pw = powers.contiguous();
   check_launch(launch_ns_bwd(w.data_ptr<float>(), s.data_ptr<float>(), t.data_ptr<float>(), ps.data_ptr<float>(),
-                             pp.data_ptr<float>(), M.data_ptr<float>(), static_cast<int>(B), static_cast<int>(C),
-                             static_cast<int>(iters), static_cast<int>(n_obs), current_stream()),
+                             pw.data_ptr<float>(), M.data_ptr<float>(), static_cast<int>(B), static_cast<int>(C),
+                             static_cast<int>(iters), static_cast<int>(n_obs), g_ns_variant.load(), current_stream()),
                "ns_bwd");
   return M;
 }
@@ -229,7 +251,10 @@ TORCH_LIBRARY(intl_cuda, m) {
   m.def("centered_tmatmul(Tensor a, Tensor mean, Tensor g) -> Tensor");
   m.def("grad_input(Tensor g, Tensor w, Tensor a, Tensor mean, Tensor mm, bool transpose_out) -> Tensor");
   m.def("ns_fwd(Tensor sigma, int iters) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("ns_bwd(Tensor wbar, Tensor S, Tensor tr, Tensor Ps, Tensor Pp, int iters, int n_obs) -> Tensor");
+  m.def("ns_bwd(Tensor wbar, Tensor S, Tensor tr, Tensor Ps, Tensor powers, int iters, int n_obs) -> Tensor");
+  // no tensor arguments: one implementation for every device, given with the schema
+  m.def("set_ns_variant(str operand, int cluster) -> ()", &set_ns_variant);
+  m.def("ns_variant() -> (str, int)", &ns_variant);
 }
 
 static void impl_all(torch::Library& m) {
