@@ -172,12 +172,12 @@ class Recorder:
 
 def import_backend():
     """intl_ops.backend_triton with real (not interpreted) kernels."""
-    if os.environ.pop("TRITON_INTERPRET", "0") == "1" and any(m.startswith("kernels.") for m in sys.modules):
+    if os.environ.pop("TRITON_INTERPRET", "0") == "1" and any(m.startswith("intl_ops.kernels.") for m in sys.modules):
         raise RuntimeError("the kernels were already defined under TRITON_INTERPRET=1: run in a fresh process")
     os.environ.pop("INTL_OPS_DOT_PRECISION", None)  # the modes are set explicitly below
     sys.path.insert(0, str(ROOT))
     from intl_ops import backend_triton
-    import kernels._common as common
+    import intl_ops.kernels._common as common
 
     if getattr(backend_triton, "_IMPORT_ERROR", None):
         raise RuntimeError(f"the Triton kernels do not import: {backend_triton._IMPORT_ERROR}")
@@ -190,9 +190,9 @@ def exercise(rec: Recorder, bt, torch, shape, axis: int, dtype, iters: int) -> N
     saved = rec.call(bt, "iternorm_fwd", x, iters, axis)
     if saved is None:  # iternorm_fwd filtered out: its outputs still feed the others
         saved = _fake_saved(torch, x, iters, axis)
-    y, mean, S, tr, Ps, Pp, v = saved
+    y, mean, S, tr, Ps, powers, v = saved
     gy, gv = torch.randn_like(y), torch.randn_like(v)
-    rec.call(bt, "iternorm_bwd", gy, gv, y, x, mean, S, tr, Ps, Pp, iters, axis)
+    rec.call(bt, "iternorm_bwd", gy, gv, y, x, mean, S, tr, Ps, powers, iters, axis)
     batch = y.shape[:-2]
     rec.call(bt, "trace_loss_fwd", y, axis)
     rec.call(bt, "trace_loss_bwd", torch.randn(batch), y, axis)
@@ -239,7 +239,7 @@ def unlaunched_kernels(rec: Recorder) -> list[str]:
     kernels that the scenarios miss (or dead code)."""
     from triton.runtime.jit import JITFunction
 
-    fns = {obj for name, mod in list(sys.modules.items()) if name == "kernels" or name.startswith("kernels.")
+    fns = {obj for name, mod in list(sys.modules.items()) if name.startswith("intl_ops.kernels.")
            for obj in vars(mod).values() if isinstance(obj, JITFunction)}
     launched = {job.fn for job in rec.jobs.values()}
     called = {f for f in fns for g in fns if g is not f and re.search(rf"\b{f.__name__}\s*\(", g.src)}

@@ -5,12 +5,13 @@
 The project's goal: CUDA NS at least 1.5x faster than Triton NS. For each C, on `views` matrices
 (S = Sigma / tr(Sigma), Sigma the covariance of N = --n random observations), T = --iters:
   forward   cuda:   torch.ops.intl_cuda.ns_fwd(Sigma, T)   (one launch: S, tr, P_1..P_T, P_k^2, P_k^3, v)
-            triton: kernels.newton_schulz.newton_schulz_fwd(S, Ps, Pp) with Ps[:, 0] = P_1 = 1.5 I - 0.5 S
+            triton: intl_ops.kernels.newton_schulz.newton_schulz_fwd(S, Ps, powers) with Ps[:, 0] = P_1 = 1.5 I - 0.5 S
                     given (as intl_ops/backend_triton.py calls it: P_1 comes from the covariance kernel)
             torch:  the reference backend's stages (intl_ops.reference.newton_schulz_fwd), from Sigma (the scope of ns_fwd)
-  backward  cuda:   torch.ops.intl_cuda.ns_bwd(Wbar, S, tr, Ps, Pp, T, N) -> M = (Sigmabar + Sigmabar^T)/(N-1)
-            triton: newton_schulz_bwd(G, S, Ps, Pp) -> Sbar (kernels only; G = Wbar / sqrt(tr)), and
-                    "triton+glue": intl_ops.backend_triton._chain_to_sigma (the same scope as ns_bwd)
+  backward  cuda:   torch.ops.intl_cuda.ns_bwd(Wbar, S, tr, Ps, powers, T, N) -> M = (Sigmabar + Sigmabar^T)/(N-1)
+            triton: newton_schulz_bwd(G, S, Ps, powers) -> Sbar (kernels only; G = Wbar / sqrt(tr)), and
+                    "triton+glue": the kernels inside intl_ops.reference.covariance_grad, as
+                    intl_ops/backend_triton.py runs them (the same scope as ns_bwd)
             torch:  reference.newton_schulz_bwd and sigma_grad (the scope of ns_bwd)
 The CUDA forward does more than the Triton one (S, tr, P_1 and v too), so its ratio is conservative.
 Timing: GPU, triton.testing.do_bench (CUDA events, L2 flushed before each call), median / p20 / p80
@@ -41,24 +42,33 @@ from intl_ops import reference  # noqa: E402
 
 # ------------------------------------------------------------------ the torch scope of ns_fwd / ns_bwd (also the fp64 oracle)
 def torch_ns_fwd(sigma: torch.Tensor, iters: int):
-    """What ns_fwd computes, with the reference backend's stages: S, tr, Ps, Pp, v = diag(P_T S P_T)."""
-    tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)
-    S = sigma / tr[:, None, None]
-    Ps, Pp = reference.newton_schulz_fwd(S, iters)
+    """What ns_fwd computes, with the reference backend's stages: S, tr, Ps, powers, v = diag(P_T S P_T)."""
+    S, tr = reference.trace_normalise(sigma.clone())
+    Ps, powers = reference.newton_schulz_fwd(S, iters)
     P = Ps[:, iters - 1]
     v = (torch.bmm(P, S) * P).sum(-1)
-    return S, tr, Ps, Pp, v
+    return S, tr, Ps, powers, v
 
 
-def torch_ns_bwd(wbar, S, tr, Ps, Pp, iters: int, n_obs: int):
+def torch_ns_bwd(wbar, S, tr, Ps, powers, iters: int, n_obs: int):
     """What ns_bwd computes, with the reference backend's stages: (Sbar, M = (Sigmabar + Sigmabar^T) / (N-1))
     with G = Wbar / sqrt(tr) through the T steps."""
-    inv_tr, inv_sqrt = reference._guarded_scales(tr)
-    G = wbar * inv_sqrt[:, None, None]
-    trbar = -0.5 * inv_tr * (G * Ps[:, iters - 1]).sum((-2, -1))
-    Sbar = reference.newton_schulz_bwd(G, S, Ps, Pp, iters)
-    sigmabar = reference.sigma_grad(Sbar.clone(), S, tr, trbar)
-    return Sbar, (sigmabar + sigmabar.mT) / (n_obs - 1)
+    G = wbar * reference.guarded_power(tr, -0.5)[:, None, None]
+    kept = {}
+
+    def sbar_from(G):
+        kept["Sbar"] = reference.newton_schulz_bwd(G, S, Ps, powers, iters)
+        return kept["Sbar"].clone()
+
+    M = reference.covariance_grad(G, S, tr, Ps[:, iters - 1], n_obs, sbar_from)
+    return kept["Sbar"], M
+
+
+def triton_chain(G, S, tr, Ps, powers, n_obs: int):
+    """M from G as intl_ops/backend_triton.py computes it: the reference's chain around the kernels."""
+    from intl_ops.kernels.newton_schulz import newton_schulz_bwd
+
+    return reference.covariance_grad(G, S, tr, Ps[:, -1], n_obs, lambda G: newton_schulz_bwd(G, S, Ps, powers))
 
 
 def rel_err(out: torch.Tensor, oracle: torch.Tensor) -> float:
@@ -105,7 +115,7 @@ def compare(C: int, args, device: torch.device, time_it) -> list[dict]:
     wbar = torch.randn(B, C, C, device=device, generator=g)
     S64, tr64, Ps64, Pp64, _ = torch_ns_fwd(sigma.double(), T)
     Sbar64, M64 = torch_ns_bwd(wbar.double(), S64, tr64, Ps64, Pp64, T, N)
-    S, tr, Ps, Pp = (t.float().contiguous() for t in (S64, tr64, Ps64, Pp64))
+    S, tr, Ps, powers = (t.float().contiguous() for t in (S64, tr64, Ps64, Pp64))
     G = (wbar / tr.sqrt()[:, None, None]).contiguous()
     rows = []
 
@@ -120,38 +130,35 @@ def compare(C: int, args, device: torch.device, time_it) -> list[dict]:
 
     # torch loop (fp32)
     add("fwd", "torch", lambda: torch_ns_fwd(sigma, T), lambda: rel_err(torch_ns_fwd(sigma, T)[2][:, -1], Ps64[:, -1]))
-    add("bwd", "torch", lambda: torch_ns_bwd(wbar, S, tr, Ps, Pp, T, N),
-        lambda: rel_err(torch_ns_bwd(wbar, S, tr, Ps, Pp, T, N)[1], M64))
+    add("bwd", "torch", lambda: torch_ns_bwd(wbar, S, tr, Ps, powers, T, N),
+        lambda: rel_err(torch_ns_bwd(wbar, S, tr, Ps, powers, T, N)[1], M64))
 
     # Triton
     reason = triton_status(device)
     if reason is None:
-        from kernels import _common
-        from kernels.newton_schulz import newton_schulz_bwd, newton_schulz_fwd
-        from intl_ops import backend_triton
+        from intl_ops.kernels import _common
+        from intl_ops.kernels.newton_schulz import newton_schulz_bwd, newton_schulz_fwd
         Ps_t = torch.empty_like(Ps)
-        Pp_t = torch.empty_like(Pp)
+        powers_t = torch.empty_like(powers)
         Ps_t[:, 0] = 1.5 * torch.eye(C, device=device) - 0.5 * S  # P_1 (the covariance kernel's output)
 
         def t_fwd():
-            newton_schulz_fwd(S, Ps_t, Pp_t)
+            newton_schulz_fwd(S, Ps_t, powers_t)
             return Ps_t
 
         add("fwd", "triton", t_fwd, lambda: rel_err(t_fwd()[:, -1], Ps64[:, -1]))
         Gt = G.clone()  # newton_schulz_bwd overwrites its G: timed calls reuse the buffer (values do not matter)
-        add("bwd", "triton", lambda: newton_schulz_bwd(Gt, S, Ps, Pp),
-            lambda: rel_err(newton_schulz_bwd(G.clone(), S, Ps, Pp), Sbar64))
-        chain = getattr(backend_triton, "_chain_to_sigma", None)
-        if chain is not None:
-            add("bwd", "triton+glue", lambda: chain(Gt, S, tr, Ps, Pp, N),
-                lambda: rel_err(chain(G.clone(), S, tr, Ps, Pp, N), M64))
+        add("bwd", "triton", lambda: newton_schulz_bwd(Gt, S, Ps, powers),
+            lambda: rel_err(newton_schulz_bwd(G.clone(), S, Ps, powers), Sbar64))
+        add("bwd", "triton+glue", lambda: triton_chain(Gt, S, tr, Ps, powers, N),
+            lambda: rel_err(triton_chain(G.clone(), S, tr, Ps, powers, N), M64))
         if args.tf32:  # one tf32 MMA per product instead of the default tf32x3
             prec = _common.get_dot_precision()
             _common.set_dot_precision("tf32")
             try:
                 add("fwd", "triton-tf32", t_fwd, lambda: rel_err(t_fwd()[:, -1], Ps64[:, -1]))
-                add("bwd", "triton-tf32", lambda: newton_schulz_bwd(Gt, S, Ps, Pp),
-                    lambda: rel_err(newton_schulz_bwd(G.clone(), S, Ps, Pp), Sbar64))
+                add("bwd", "triton-tf32", lambda: newton_schulz_bwd(Gt, S, Ps, powers),
+                    lambda: rel_err(newton_schulz_bwd(G.clone(), S, Ps, powers), Sbar64))
             finally:
                 _common.set_dot_precision(prec)
     else:
@@ -162,8 +169,8 @@ def compare(C: int, args, device: torch.device, time_it) -> list[dict]:
     if reason is None:
         ops = torch.ops.intl_cuda
         add("fwd", "cuda", lambda: ops.ns_fwd(sigma, T), lambda: rel_err(ops.ns_fwd(sigma, T)[2][:, -1], Ps64[:, -1]))
-        add("bwd", "cuda", lambda: ops.ns_bwd(wbar, S, tr, Ps, Pp, T, N),
-            lambda: rel_err(ops.ns_bwd(wbar, S, tr, Ps, Pp, T, N), M64))
+        add("bwd", "cuda", lambda: ops.ns_bwd(wbar, S, tr, Ps, powers, T, N),
+            lambda: rel_err(ops.ns_bwd(wbar, S, tr, Ps, powers, T, N), M64))
     else:
         rows += [{"C": C, "direction": d, "impl": "cuda", "error": f"unavailable: {reason}"} for d in ("fwd", "bwd")]
     return rows
@@ -171,7 +178,7 @@ def compare(C: int, args, device: torch.device, time_it) -> list[dict]:
 
 def _dot_precision() -> str:
     try:
-        from kernels import _common
+        from intl_ops.kernels import _common
         return _common.dot_precision()
     except Exception as exc:  # noqa: BLE001  (triton missing: reported, not fatal)
         return f"unknown ({type(exc).__name__})"

@@ -1,7 +1,7 @@
 """intl_ops: fast, exact IterNorm whitening and the INTL objective (Weng et al., ICLR 2024).
 
 Public API: iternorm, trace_loss, intl_loss, IterNorm, INTLLoss, available_backends, set_dot_precision.
-The math is defined in SPEC (see README); every backend computes the same function.
+The math is defined in docs/math.md; every backend computes the same function.
 """
 from ._checks import set_check_finite
 from .backends import available_backends, set_dot_precision

@@ -1,20 +1,20 @@
-"""Triton backend of the `intl` ops: the functions of intl_ops.reference, computed by kernels/.
+"""Triton backend of the `intl` ops: the functions of intl_ops.reference, computed by intl_ops.kernels.
 
-Same signatures and the same saved-tensor layout as the reference (see intl_ops.reference):
+Same signatures and the same saved-tensor layout as the reference (docs/math.md §8):
 y (*, m, d) in x's dtype, contiguous; mean (*, C), S (*, C, C), tr (*), Ps (*, T, C, C),
-Pp (*, T-1, 2, C, C), v (*, C), all fp32 for fp16/bf16/fp32 inputs.
+powers (*, T-1, 2, C, C), v (*, C), all fp32 for fp16/bf16/fp32 inputs.
 
 Dtypes: fp16, bf16 and fp32 run the kernels (fp32 accumulation; by default on the tensor cores at
 fp32 accuracy: fp32 operands as tf32x3, fp16/bf16 input tiles in their own dtype; see
-kernels/_common.py and set_dot_precision). fp64 is not compiled into the kernels:
-fp64 inputs run the reference math (the oracle's precision) on the same device, so backend="triton"
-never fails on a dtype; `uses_kernels(dtype)` says which path a dtype takes.
+intl_ops/kernels/_common.py and set_dot_precision). fp64 is not compiled into the kernels:
+`supports` declines it, so backend="triton" runs fp64 inputs with the reference math (the oracle's
+precision) on the same device and never fails on a dtype.
 
 Devices: CUDA tensors when a GPU and Triton are present; CPU tensors only under the Triton
 interpreter (TRITON_INTERPRET=1 set before this module is imported), as CI runs it.
 
 Launches per call (the B views batched in every launch; T Newton steps; C the number of variables,
-small C <= kernels.newton_schulz.ROWS_MAX_C):
+small C <= intl_ops.kernels.newton_schulz.ROWS_MAX_C):
   iternorm_fwd: 3 (covariance) + (T-1) small C / 3 (T-1) large C (Newton-Schulz) + 1 (apply) kernels,
                 plus 2 small torch reductions for v.
   iternorm_bwd: 1 (Wbar) + 2 (T-1) small C / 4 (T-1) large C (Newton-Schulz) + 1 (dA) kernels, plus
@@ -38,12 +38,12 @@ _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
 try:
     import triton  # noqa: F401
 
-    from kernels.apply import apply_bwd, apply_fwd
-    from kernels.covariance import covariance_fwd
-    from kernels.newton_schulz import newton_schulz_bwd, newton_schulz_fwd
-    from kernels import nmse as _nmse
-    from kernels import trace_loss as _tl
-    from kernels._common import set_dot_precision  # noqa: F401  (intl_ops.set_dot_precision)
+    from intl_ops.kernels.apply import apply_bwd, apply_fwd
+    from intl_ops.kernels.covariance import covariance_fwd
+    from intl_ops.kernels.newton_schulz import newton_schulz_bwd, newton_schulz_fwd
+    from intl_ops.kernels import nmse as nmse_kernels
+    from intl_ops.kernels import trace_loss as trace_loss_kernels
+    from intl_ops.kernels._common import set_dot_precision  # noqa: F401  (intl_ops.set_dot_precision)
 
     _IMPORT_ERROR = None
 except Exception as exc:  # noqa: BLE001  (reported by unavailable_reason)
@@ -66,9 +66,14 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"the Triton backend runs on cuda devices (cpu under TRITON_INTERPRET=1), not {device.type}"
 
 
-def uses_kernels(dtype: torch.dtype) -> bool:
-    """True if inputs of `dtype` run the Triton kernels (fp64 runs the reference math)."""
-    return dtype in (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def supports(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> str | None:
+    """Every op function defined here, for the dtypes the kernels are compiled for."""
+    if dtype not in KERNEL_DTYPES:
+        return f"the Triton kernels take float16, bfloat16 and float32, not {dtype}"
+    return None
 
 
 def _guard(t: Tensor):
@@ -82,82 +87,63 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def iternorm_fwd(x: Tensor, iters: int, axis: int) -> IterNormSaved:
-    if not uses_kernels(x.dtype):
-        return reference.iternorm_fwd(x, iters, axis)
     batch = x.shape[:-2]
     x3 = _flat(x)
     a = as_observations(x3, axis)
     B, N, C = a.shape
-    f32 = dict(device=x.device, dtype=torch.float32)
-    Ps = torch.empty(B, iters, C, C, **f32)
-    Pp = torch.empty(B, max(iters - 1, 0), 2, C, C, **f32)
+    shapes = reference.saved_shapes((B,), C, iters)
+    Ps = torch.empty(shapes["Ps"], device=x.device, dtype=torch.float32)
+    powers = torch.empty(shapes["powers"], device=x.device, dtype=torch.float32)
     y = torch.empty(x3.shape, device=x.device, dtype=x.dtype)
     with _guard(x):
         mean, S, tr = covariance_fwd(a, Ps[:, 0] if iters >= 1 else None)
-        newton_schulz_fwd(S, Ps, Pp)
-        W = Ps[:, iters - 1] if iters >= 1 else torch.eye(C, **f32).expand(B, C, C)
-        v = apply_fwd(a, mean, W, tr, as_observations(y, axis))
+        newton_schulz_fwd(S, Ps, powers)
+        v = apply_fwd(a, mean, reference.last_iterate(S, Ps, iters), tr, as_observations(y, axis))
     return IterNormSaved(y.reshape(x.shape), mean.reshape(*batch, C), S.reshape(*batch, C, C),
                          tr.reshape(batch), Ps.reshape(*batch, *Ps.shape[1:]),
-                         Pp.reshape(*batch, *Pp.shape[1:]), v.reshape(*batch, C))
-
-
-def _chain_to_sigma(G: Tensor, S: Tensor, tr: Tensor, Ps: Tensor, Pp: Tensor, n_obs: int) -> Tensor:
-    """M = (Sigmabar + Sigmabar^T) / (N - 1) from G = dL/dP_T (SPEC section 5), all (B, ...) fp32."""
-    iters = Ps.shape[1]
-    inv_tr, _ = reference._guarded_scales(tr)
-    P_T = Ps[:, iters - 1] if iters >= 1 else torch.eye(S.shape[-1], device=S.device, dtype=S.dtype)
-    # trbar = -0.5 tr^(-3/2) <Wbar, P_T> with G = Wbar / sqrt(tr)
-    trbar = -0.5 * inv_tr * (G * P_T).sum((-2, -1))
-    sigmabar = reference.sigma_grad(newton_schulz_bwd(G, S, Ps, Pp), S, tr, trbar)
-    return (sigmabar + sigmabar.mT) / (n_obs - 1)
+                         powers.reshape(*batch, *powers.shape[1:]), v.reshape(*batch, C))
 
 
 def iternorm_bwd(grad_y: Tensor, grad_v: Tensor, y: Tensor, x: Tensor, mean: Tensor, S: Tensor,
-                 tr: Tensor, Ps: Tensor, Pp: Tensor, iters: int, axis: int) -> Tensor:
-    if not uses_kernels(x.dtype):
-        return reference.iternorm_bwd(grad_y, grad_v, y, x, mean, S, tr, Ps, Pp, iters, axis)
+                 tr: Tensor, Ps: Tensor, powers: Tensor, iters: int, axis: int) -> Tensor:
     x3 = _flat(x)
     a = as_observations(x3, axis)
     B, N, C = a.shape
-    S3, Ps3, Pp3 = S.reshape(B, C, C), Ps.reshape(B, iters, C, C), Pp.reshape(B, max(iters - 1, 0), 2, C, C)
+    S3, Ps3 = S.reshape(B, C, C), Ps.reshape(B, iters, C, C)
+    powers3 = powers.reshape(B, max(iters - 1, 0), 2, C, C)
     tr3 = tr.reshape(B).contiguous()
+    P_T = reference.last_iterate(S3, Ps3, iters)
     gx = torch.empty(x3.shape, device=x.device, dtype=x.dtype)
     with _guard(x):
-        W = Ps3[:, iters - 1] if iters >= 1 else torch.eye(C, device=x.device).expand(B, C, C)
-        apply_bwd(a, mean.reshape(B, C).contiguous(), W, tr3,
+        # the C x C chain from G = dL/dP_T to M = (Sigmabar + Sigmabar^T) / (N - 1): the reference's
+        # stages around the Newton-Schulz backward kernels
+        chain = lambda G: reference.covariance_grad(  # noqa: E731
+            G, S3, tr3, P_T, N, lambda G: newton_schulz_bwd(G, S3, Ps3, powers3))
+        apply_bwd(a, mean.reshape(B, C).contiguous(), P_T, tr3,
                   as_observations(_flat(grad_y), axis), as_observations(_flat(y), axis), grad_v.reshape(B, C),
-                  lambda G: _chain_to_sigma(G, S3, tr3, Ps3, Pp3, N), as_observations(gx, axis))
+                  chain, as_observations(gx, axis))
     return gx.reshape(x.shape)
 
 
 def trace_loss_fwd(y: Tensor, axis: int) -> Tensor:
-    if not uses_kernels(y.dtype):
-        return reference.trace_loss_fwd(y, axis)
     with _guard(y):
-        return _tl.trace_loss_fwd(as_observations(_flat(y), axis)).reshape(y.shape[:-2])
+        return trace_loss_kernels.trace_loss_fwd(as_observations(_flat(y), axis)).reshape(y.shape[:-2])
 
 
 def trace_loss_bwd(grad: Tensor, y: Tensor, axis: int) -> Tensor:
-    if not uses_kernels(y.dtype):
-        return reference.trace_loss_bwd(grad, y, axis)
     y3 = _flat(y)
     gy = torch.empty(y3.shape, device=y.device, dtype=y.dtype)
     with _guard(y):
-        _tl.trace_loss_bwd(grad, as_observations(y3, axis), as_observations(gy, axis))
+        trace_loss_kernels.trace_loss_bwd(grad, as_observations(y3, axis), as_observations(gy, axis))
     return gy.reshape(y.shape)
 
 
 def nmse_fwd(a: Tensor, b: Tensor) -> Tensor:
-    if not (uses_kernels(a.dtype) and uses_kernels(b.dtype)):
-        return reference.nmse_fwd(a, b)
     with _guard(a):
-        return _nmse.nmse_fwd(_flat(a), _flat(b)).reshape(a.shape[:-2])
+        return nmse_kernels.nmse_fwd(_flat(a), _flat(b)).reshape(a.shape[:-2])
 
 
 def nmse_bwd(grad: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    if not (uses_kernels(a.dtype) and uses_kernels(b.dtype)):
-        return reference.nmse_bwd(grad, a, b)
     with _guard(a):
-        ga, gb = _nmse.nmse_bwd(grad, _flat(a), _flat(b))
+        ga, gb = nmse_kernels.nmse_bwd(grad, _flat(a), _flat(b))
     return ga.reshape(a.shape), gb.reshape(b.shape)

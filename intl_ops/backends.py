@@ -1,34 +1,82 @@
-"""Backend registry: which implementations of the `intl` ops exist, which can run here, and "auto".
+"""Backend registry: which implementations of the `intl` ops exist, what each supports, and "auto".
 
-A backend is a module that provides some of the functions of `intl_ops.reference`
-(iternorm_fwd/iternorm_bwd, trace_loss_fwd/bwd, nmse_fwd/bwd) with the same signatures and the
-same saved-tensor layout, plus `unavailable_reason(device) -> str | None`. A function a backend
-does not provide falls back to the reference. Modules are imported lazily, so importing intl_ops
-never fails because a backend is missing; `available_backends()` says why one cannot run.
+A backend is one module that provides some of the op functions of `intl_ops.reference` (the names
+in OPS), with the same signatures and the saved-tensor layout of docs/math.md §8, and may define
+    unavailable_reason(device) -> str | None   why it cannot run on a device at all (default: it can)
+    supports(op, shape, dtype, device) -> str | None
+                                               why it does not run `op` for such inputs (default: it
+                                               runs every op function it defines)
+`shape` is the (*, N, C) shape of the observations-by-variables matrix A of docs/math.md §2 (an
+(m, d) input is (d, m) for axis=0 and (m, d) for axis=1); for nmse it is the (*, m, d) input.
+
+Adding a backend is one module plus one line in REGISTRY (or `register()` from outside). Every
+call picks its implementation per op: the named backend where it supports the call, else the
+reference (same device, same math); "auto" tries the backends marked auto for the device type, in
+registry order.
+Modules are imported lazily, so importing intl_ops never fails because a backend is missing.
 """
 from __future__ import annotations
 
 import functools
 import importlib
-from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
-BACKEND_MODULES = {
-    "reference": "intl_ops.reference",
-    "triton": "intl_ops.backend_triton",
-    "cuda": "intl_ops.backend_cuda",
+
+class Entry(NamedTuple):
+    module: str
+    auto: tuple[str, ...] = ()  # device types on which backend="auto" considers it (in registry order)
+
+
+# "auto" tries these in order; the reference runs whatever no other backend takes. triton is auto on
+# CUDA only (on CPU it needs the interpreter: a test tool, not a fast path); cuda is opt-in: it is faster
+# than triton only on some shapes (bench/README).
+REGISTRY: dict[str, Entry] = {
+    "triton": Entry("intl_ops.backend_triton", auto=("cuda",)),
+    "cuda": Entry("intl_ops.backend_cuda"),
+    "reference": Entry("intl_ops.reference"),
 }
-BACKEND_NAMES = ("auto", *BACKEND_MODULES)
-# What "auto" picks on a CUDA device, fastest first (measured in bench/, see README).
-AUTO_ORDER_CUDA = ("triton", "reference")
+FALLBACK = "reference"
+OPS = ("iternorm_fwd", "iternorm_bwd", "trace_loss_fwd", "trace_loss_bwd", "nmse_fwd", "nmse_bwd",
+       "spectral_transform_fwd", "spectral_transform_bwd")
+
+
+def register(name: str, module: str, *, auto: tuple[str, ...] = ()) -> None:
+    """Add (or replace) backend `name`, implemented by the module at import path `module`; `auto`: the
+    device types ("cuda", "cpu", ...) on which backend="auto" considers it, after the earlier entries."""
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"name must be a non-empty string other than 'auto', got {name!r}")
+    if isinstance(auto, str) or not all(isinstance(t, str) for t in auto):
+        raise TypeError(f"auto must be a tuple of device types like ('cuda',), got {auto!r}")
+    REGISTRY[name] = Entry(module, tuple(auto))
+    _load.cache_clear()
+
+
+def unregister(name: str) -> None:
+    if name == FALLBACK:
+        raise ValueError(f"the {FALLBACK!r} backend cannot be removed: it runs what no other backend supports")
+    REGISTRY.pop(name, None)
+    _load.cache_clear()
+
+
+def registered() -> tuple[str, ...]:
+    """Every backend name, in the order "auto" considers them."""
+    return tuple(REGISTRY)
+
+
+def names() -> tuple[str, ...]:
+    """Every value the `backend=` arguments accept."""
+    return ("auto", *REGISTRY)
 
 
 @functools.cache
-def _load(name: str) -> ModuleType | str:
-    """The backend module, or the reason it cannot be imported."""
+def _load(name: str):
+    """The backend module, or the reason it cannot be imported (a str)."""
+    if name not in REGISTRY:
+        raise ValueError(f"backend must be one of {tuple(REGISTRY)}, got {name!r}")
     try:
-        return importlib.import_module(BACKEND_MODULES[name])
+        return importlib.import_module(REGISTRY[name].module)
     except Exception as exc:  # a missing optional dependency or extension
         return f"{type(exc).__name__}: {exc}"
 
@@ -42,39 +90,64 @@ def unavailable_reason(name: str, device: torch.device | str) -> str | None:
     return check(torch.device(device)) if check is not None else None
 
 
+def supports(name: str, op: str, shape, dtype: torch.dtype, device: torch.device | str) -> str | None:
+    """None if backend `name` runs `op` for inputs of this shape, dtype and device, else why not."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        return reason
+    mod = _load(name)
+    if not callable(getattr(mod, op, None)):
+        return f"backend {name!r} does not provide {op}"
+    check = getattr(mod, "supports", None)
+    return check(op, tuple(shape), dtype, torch.device(device)) if check is not None else None
+
+
 def available_backends(device: torch.device | str | None = None) -> dict[str, str]:
     """{backend: "available" or why not} for `device` (default: cuda if present, else cpu)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return {name: unavailable_reason(name, device) or "available" for name in BACKEND_MODULES}
+    return {name: unavailable_reason(name, device) or "available" for name in REGISTRY}
 
 
 @torch.compiler.assume_constant_result  # decided once at trace time: no import machinery in the graph
 def resolve(backend: str, device: torch.device) -> str:
-    """Validate a backend name and turn "auto" into a concrete backend usable on `device`."""
-    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    """Validate a `backend=` argument for `device`: an unknown name is a ValueError, a named backend
+    that cannot run there a RuntimeError. Returns the name, "auto" turned into the first auto candidate
+    available on the device (the one that runs the iternorm ops where it supports them)."""
+    if not isinstance(backend, str) or backend not in names():
+        raise ValueError(f"backend must be one of {names()}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda":
-            for name in AUTO_ORDER_CUDA:
-                if unavailable_reason(name, device) is None:
-                    return name
-        return "reference"
+        for name, entry in REGISTRY.items():
+            if device.type in entry.auto and unavailable_reason(name, device) is None:
+                return name
+        return FALLBACK
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
     return backend
 
 
-def impl(backend: str, fn: str):
-    """The function `fn` of `backend`, or the reference's where the backend does not provide it."""
-    mod = _load(backend)
-    if isinstance(mod, str):
-        raise RuntimeError(f"backend={backend!r} is unavailable: {mod}")
-    found = getattr(mod, fn, None)
-    if found is None:
-        found = getattr(importlib.import_module("intl_ops.reference"), fn)
-    return found
+def select(backend: str, op: str, shape, dtype: torch.dtype, device: torch.device) -> str:
+    """The backend that runs this call: `backend` where it supports it, else the reference; for "auto"
+    the first auto candidate that supports it."""
+    if backend == "auto":
+        for name, entry in REGISTRY.items():
+            if device.type in entry.auto and supports(name, op, shape, dtype, device) is None:
+                return name
+        return FALLBACK
+    if backend not in REGISTRY:
+        raise ValueError(f"backend must be one of {names()}, got {backend!r}")
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
+    return backend if supports(backend, op, shape, dtype, device) is None else FALLBACK
+
+
+def impl(backend: str, op: str, shape, dtype: torch.dtype, device: torch.device):
+    """The function that runs `op` for this call (see select)."""
+    return getattr(_load(select(backend, op, shape, dtype, device)), op)
 
 
 def set_dot_precision(mode: str) -> None:
@@ -82,7 +155,7 @@ def set_dot_precision(mode: str) -> None:
     "auto" (default): tensor cores at fp32 accuracy, fp32 operands as tf32x3 (tf32 when torch allows
     tf32 matmuls), fp16/bf16 input tiles in their own dtype; "tf32x3"; "tf32"; "ieee" (exact fp32,
     no tensor cores). Also settable with the environment variable INTL_OPS_DOT_PRECISION. The mode is
-    validated by kernels/_common.py (ValueError naming the modes)."""
+    validated by intl_ops/kernels/_common.py (ValueError naming the modes)."""
     mod = _load("triton")
     if isinstance(mod, str):
         raise RuntimeError(f"the Triton backend is unavailable: {mod}")

@@ -1,4 +1,4 @@
-"""The public functions: iternorm, trace_loss, intl_loss (SPEC sections 2-4)."""
+"""The public functions: iternorm, trace_loss, intl_loss (docs/math.md §2-4)."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,7 @@ from .distributed import gather_samples, local_rows
 
 
 def default_beta(n_vars: int) -> float:
-    """SPEC's trade-off 0.01 * (log2(n_vars) - 3): n_vars = global batch (axis=0) or d (axis=1)."""
+    """The trade-off of docs/math.md §4, 0.01 * (log2(n_vars) - 3): n_vars = global batch (axis=0) or d (axis=1)."""
     return 0.01 * (math.log2(n_vars) - 3)
 
 
@@ -29,7 +29,7 @@ def iternorm(x: Tensor, iters: int = 4, axis: int = 0, *, backend: str = "auto",
     iters, axis = check_iters(iters), check_axis(axis)
     check_matrix(x, "x", axis, count_obs=process_group is None or axis == 0)
     check_finite(x, "x")
-    backend = resolve(backend, x.device)
+    resolve(backend, x.device)  # a bad name or a backend that cannot run here fails now, naming it
     if process_group is not None:
         xg = gather_samples(x, process_group, reduce_grads=True)
         check_matrix(xg, "x (gathered over process_group)", axis)
@@ -43,7 +43,8 @@ def trace_loss(y: Tensor, axis: int = 0, *, backend: str = "auto") -> Tensor:
     axis = check_axis(axis)
     check_matrix(y, "y", axis)
     check_finite(y, "y")
-    return torch.ops.intl.trace_loss(y, axis, resolve(backend, y.device))
+    resolve(backend, y.device)
+    return torch.ops.intl.trace_loss(y, axis, backend)
 
 
 def _stack_views(views, name: str) -> Tensor:
@@ -71,13 +72,13 @@ def _stack_views(views, name: str) -> Tensor:
 
 def intl_loss(views, iters: int = 4, axis: int = 0, beta: float | None = None, *, target: Tensor | None = None,
               backend: str = "auto", process_group=None, return_parts: bool = False):
-    """The INTL objective (SPEC section 4), a 0-dim fp32 tensor (fp64 for fp64 input).
+    """The INTL objective (docs/math.md §4), a 0-dim fp32 tensor (fp64 for fp64 input).
 
     views: K >= 2 crops' embeddings, a sequence of (m, d) tensors (crop 0 first) or a (K, m, d)
     tensor: L = 1/(K-1) sum_{i>=1} [nmse(t_i, t_0) + beta (TL(t_i) + TL(t_0))], each crop whitened
     separately. With target= (crop 0 through an EMA encoder, (m, d)): INTL-M,
     L = mean_i [nmse(t_i, t_k) + beta TL(t_i)] over the online views, the target whitened without
-    gradient. beta=None: SPEC's 0.01 (log2(n_vars) - 3) with the global batch (axis=0) or d.
+    gradient. beta=None: docs/math.md §4's 0.01 (log2(n_vars) - 3) with the global batch (axis=0) or d.
     The trace loss is taken from the iternorm op's output variances: no extra pass over the outputs.
     return_parts=True returns (loss, {"align": mean nmse, "trace": mean trace-loss term, "beta": beta})
     with the parts detached, for logging.
@@ -97,7 +98,7 @@ def intl_loss(views, iters: int = 4, axis: int = 0, beta: float | None = None, *
     if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta)):
         raise TypeError(f"beta must be a finite float or None, got {beta!r}")
     check_finite(x, "views")
-    backend = resolve(backend, x.device)
+    resolve(backend, x.device)
 
     if process_group is not None:
         x = gather_samples(x, process_group, reduce_grads=False)

@@ -1,7 +1,7 @@
 """The INTL reference code as users run it today: eager PyTorch, autograd through every Newton step.
 
 This follows the public implementation literally (matrix_power + baddbmm, autograd keeps every
-temporary) with SPEC's exact definitions (N - 1 normalisation, no eps). It is deliberately
+temporary) with the exact definitions of docs/math.md (N - 1 normalisation, no eps). It is deliberately
 independent of `intl_ops.reference`: the tests use it as the oracle (in float64) and the benchmarks
 as the `eager` baseline. Not used by the library's own code paths.
 """

@@ -2,15 +2,16 @@
 
 Forward and backward are separate ops so that torch.compile and AOT autograd see opaque calls
 (no graph breaks, no tracing into Triton/CUDA), with fake implementations for shape propagation.
-The backward ops are first-order only (no double backward).
+Each call runs the function of the backend that supports it (intl_ops.backends.select: the named
+backend, else the reference). The backward ops are first-order only (no double backward).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .backends import impl
-from .reference import compute_dtype
+from . import backends
+from .reference import as_observations, compute_dtype, saved_shapes
 
 _Saved = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -20,56 +21,56 @@ def _no_autocast(t: Tensor):
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
-def _dims(x: Tensor, axis: int) -> tuple[int, int]:
-    """(N observations, C variables) of a (*, m, d) input."""
-    m, d = x.shape[-2], x.shape[-1]
-    return (d, m) if axis == 0 else (m, d)
+def _impl(backend: str, op: str, x: Tensor, axis: int | None = None):
+    """The function that runs `op` on input x (*, m, d); the backends see A's (*, N, C) shape
+    (axis None: the (*, m, d) shape itself, for nmse)."""
+    shape = x.shape if axis is None else as_observations(x, axis).shape
+    return backends.impl(backend, op, shape, x.dtype, x.device)
 
 
 # ---------------------------------------------------------------- iternorm
 @torch.library.custom_op("intl::iternorm_fwd", mutates_args=())
 def iternorm_fwd(x: Tensor, iters: int, axis: int, backend: str) -> _Saved:
-    """IterNorm of x (*, m, d): (y, mean, S, tr, Ps, Pp, v) as documented in intl_ops.reference."""
+    """IterNorm of x (*, m, d): (y, mean, S, tr, Ps, powers, v), docs/math.md §8."""
     with _no_autocast(x):
-        return tuple(impl(backend, "iternorm_fwd")(x, iters, axis))
+        return tuple(_impl(backend, "iternorm_fwd", x, axis)(x, iters, axis))
 
 
 @iternorm_fwd.register_fake
 def _(x, iters, axis, backend):
-    _, C = _dims(x, axis)
-    ct, batch = compute_dtype(x.dtype), x.shape[:-2]
-    new = lambda *shape: x.new_empty((*batch, *shape), dtype=ct)  # noqa: E731
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), new(C), new(C, C), new(),
-            new(iters, C, C), new(max(iters - 1, 0), 2, C, C), new(C))
+    C = as_observations(x, axis).shape[-1]
+    ct = compute_dtype(x.dtype)
+    saved = [x.new_empty(shape, dtype=ct) for shape in saved_shapes(x.shape[:-2], C, iters).values()]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), *saved)
 
 
 @torch.library.custom_op("intl::iternorm_bwd", mutates_args=())
 def iternorm_bwd(grad_y: Tensor, grad_v: Tensor, y: Tensor, x: Tensor, mean: Tensor, S: Tensor, tr: Tensor,
-                 Ps: Tensor, Pp: Tensor, iters: int, axis: int, backend: str) -> Tensor:
+                 Ps: Tensor, powers: Tensor, iters: int, axis: int, backend: str) -> Tensor:
     with _no_autocast(x):
-        return impl(backend, "iternorm_bwd")(grad_y, grad_v, y, x, mean, S, tr, Ps, Pp, iters, axis)
+        return _impl(backend, "iternorm_bwd", x, axis)(grad_y, grad_v, y, x, mean, S, tr, Ps, powers, iters, axis)
 
 
 @iternorm_bwd.register_fake
-def _(grad_y, grad_v, y, x, mean, S, tr, Ps, Pp, iters, axis, backend):
+def _(grad_y, grad_v, y, x, mean, S, tr, Ps, powers, iters, axis, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _iternorm_setup(ctx, inputs, output):
     x, iters, axis, backend = inputs
-    y, mean, S, tr, Ps, Pp, v = output
-    ctx.save_for_backward(y, x, mean, S, tr, Ps, Pp, v)
+    y, mean, S, tr, Ps, powers, v = output
+    ctx.save_for_backward(y, x, mean, S, tr, Ps, powers, v)
     ctx.cfg = (iters, axis, backend)
-    ctx.mark_non_differentiable(mean, S, tr, Ps, Pp)
+    ctx.mark_non_differentiable(mean, S, tr, Ps, powers)
     ctx.set_materialize_grads(False)  # no zero-filled C x C gradients for the saved outputs
 
 
-def _iternorm_backward(ctx, gy, gmean, gS, gtr, gPs, gPp, gv):
-    y, x, mean, S, tr, Ps, Pp, v = ctx.saved_tensors
+def _iternorm_backward(ctx, gy, gmean, gS, gtr, gPs, gpowers, gv):
+    y, x, mean, S, tr, Ps, powers, v = ctx.saved_tensors
     iters, axis, backend = ctx.cfg
     gy = torch.zeros_like(y) if gy is None else gy
     gv = torch.zeros_like(v) if gv is None else gv
-    gx = torch.ops.intl.iternorm_bwd(gy, gv, y, x, mean, S, tr, Ps, Pp, iters, axis, backend)
+    gx = torch.ops.intl.iternorm_bwd(gy, gv, y, x, mean, S, tr, Ps, powers, iters, axis, backend)
     return gx, None, None, None
 
 
@@ -81,7 +82,7 @@ iternorm_fwd.register_autograd(_iternorm_backward, setup_context=_iternorm_setup
 def trace_loss(y: Tensor, axis: int, backend: str) -> Tensor:
     """sum_j (var_j(y) - 1)^2 over the variables of `axis`, shape y.shape[:-2], fp32 (fp64 for fp64)."""
     with _no_autocast(y):
-        return impl(backend, "trace_loss_fwd")(y, axis)
+        return _impl(backend, "trace_loss_fwd", y, axis)(y, axis)
 
 
 @trace_loss.register_fake
@@ -92,7 +93,7 @@ def _(y, axis, backend):
 @torch.library.custom_op("intl::trace_loss_bwd", mutates_args=())
 def trace_loss_bwd(grad: Tensor, y: Tensor, axis: int, backend: str) -> Tensor:
     with _no_autocast(y):
-        return impl(backend, "trace_loss_bwd")(grad, y, axis)
+        return _impl(backend, "trace_loss_bwd", y, axis)(grad, y, axis)
 
 
 @trace_loss_bwd.register_fake
@@ -115,11 +116,17 @@ trace_loss.register_autograd(_trace_loss_backward, setup_context=_trace_loss_set
 
 
 # ---------------------------------------------------------------- nmse
+def _one_dtype(backend: str, a: Tensor, b: Tensor) -> str:
+    """Backends see a's dtype only: a target of another dtype (e.g. an fp32 EMA target of bf16 views)
+    runs the reference, which computes both in a's compute dtype."""
+    return backend if a.dtype == b.dtype else backends.FALLBACK
+
+
 @torch.library.custom_op("intl::nmse", mutates_args=())
 def nmse(a: Tensor, b: Tensor, backend: str) -> Tensor:
     """2 - 2 * mean over rows of cos(a_i, b_i); a and b (*, m, d) of one shape; result (*,)."""
     with _no_autocast(a):
-        return impl(backend, "nmse_fwd")(a, b)
+        return _impl(_one_dtype(backend, a, b), "nmse_fwd", a)(a, b)
 
 
 @nmse.register_fake
@@ -130,7 +137,7 @@ def _(a, b, backend):
 @torch.library.custom_op("intl::nmse_bwd", mutates_args=())
 def nmse_bwd(grad: Tensor, a: Tensor, b: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     with _no_autocast(a):
-        ga, gb = impl(backend, "nmse_bwd")(grad, a, b)
+        ga, gb = _impl(_one_dtype(backend, a, b), "nmse_bwd", a)(grad, a, b)
     return ga.contiguous(), gb.contiguous()
 
 
@@ -153,3 +160,50 @@ def _nmse_backward(ctx, grad):
 
 
 nmse.register_autograd(_nmse_backward, setup_context=_nmse_setup)
+
+
+# ---------------------------------------------------------------- spectral transform
+@torch.library.custom_op("intl::spectral_transform_fwd", mutates_args=())
+def spectral_transform_fwd(x: Tensor, power: float, axis: int, eps: float,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, tr, evals, evecs) as in intl_ops.reference.SpectralSaved; x is (*, m, d)."""
+    with _no_autocast(x):
+        return tuple(_impl(backend, "spectral_transform_fwd", x, axis)(x, power, axis, eps))
+
+
+@spectral_transform_fwd.register_fake
+def _(x, power, axis, eps, backend):
+    C = as_observations(x, axis).shape[-1]
+    ct, batch = compute_dtype(x.dtype), x.shape[:-2]
+    new = lambda *shape: x.new_empty((*batch, *shape), dtype=ct)  # noqa: E731
+    return torch.empty_like(x, memory_format=torch.contiguous_format), new(C), new(), new(C), new(C, C)
+
+
+@torch.library.custom_op("intl::spectral_transform_bwd", mutates_args=())
+def spectral_transform_bwd(grad_y: Tensor, x: Tensor, mean: Tensor, tr: Tensor, evals: Tensor, evecs: Tensor,
+                           power: float, axis: int, eps: float, backend: str) -> Tensor:
+    with _no_autocast(x):
+        return _impl(backend, "spectral_transform_bwd", x, axis)(grad_y, x, mean, tr, evals, evecs, power, axis, eps)
+
+
+@spectral_transform_bwd.register_fake
+def _(grad_y, x, mean, tr, evals, evecs, power, axis, eps, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _spectral_setup(ctx, inputs, output):
+    x, power, axis, eps, backend = inputs
+    _, mean, tr, evals, evecs = output
+    ctx.save_for_backward(x, mean, tr, evals, evecs)
+    ctx.cfg = (power, axis, eps, backend)
+    ctx.mark_non_differentiable(mean, tr, evals, evecs)
+
+
+def _spectral_backward(ctx, gy, gmean, gtr, gevals, gevecs):
+    if gy is None:
+        return None, None, None, None, None
+    x, mean, tr, evals, evecs = ctx.saved_tensors
+    return torch.ops.intl.spectral_transform_bwd(gy, x, mean, tr, evals, evecs, *ctx.cfg), None, None, None, None
+
+
+spectral_transform_fwd.register_autograd(_spectral_backward, setup_context=_spectral_setup)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 DOT_MODES = ("auto", "tf32x3", "tf32", "ieee")
-_dot_mode = "auto"
+_dot_mode: str | None = None  # None: not chosen yet, INTL_OPS_DOT_PRECISION (default "auto") decides once
 # Tests and the ahead-of-time compile may ask the interpreter to use the GPU's block sizes.
 _force_gpu_blocks = False
 
@@ -43,12 +43,14 @@ def set_dot_precision(mode: str) -> None:
 
 
 def get_dot_precision() -> str:
-    """The mode set by set_dot_precision (or INTL_OPS_DOT_PRECISION), default "auto"."""
-    env = os.environ.get("INTL_OPS_DOT_PRECISION")
-    if env is not None and _dot_mode == "auto":
+    """The mode set by set_dot_precision, else the environment variable INTL_OPS_DOT_PRECISION, read at
+    the first launch (not at every one), else "auto"."""
+    global _dot_mode
+    if _dot_mode is None:
+        env = os.environ.get("INTL_OPS_DOT_PRECISION", "auto")
         if env not in DOT_MODES:
             raise ValueError(f"INTL_OPS_DOT_PRECISION must be one of {DOT_MODES}, got {env!r}")
-        return env
+        _dot_mode = env
     return _dot_mode
 
 
@@ -90,6 +92,28 @@ def dot_acc(b_x, b_y, b_acc, half_ty, HALF_DOT: tl.constexpr, PREC: tl.constexpr
     if HALF_DOT:
         return tl.dot(b_x.to(half_ty), b_y.to(half_ty), b_acc)
     return tl.dot(b_x, b_y, b_acc, input_precision=PREC)
+
+
+@triton.jit
+def guarded_inverse(t):
+    """1/t, 0 where t == 0: a constant input (trace 0) gives zero output and gradient (docs/math.md §3)."""
+    return tl.where(t > 0, 1.0 / tl.where(t > 0, t, 1.0), 0.0)
+
+
+@triton.jit
+def guarded_rsqrt(t):
+    """1/sqrt(t), 0 where t == 0 (as guarded_inverse)."""
+    return tl.where(t > 0, 1.0 / tl.sqrt(tl.where(t > 0, t, 1.0)), 0.0)
+
+
+@triton.jit
+def nc_tile(N, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The (BLOCK_N observations x BLOCK_C variables) tile of a program on grid (N tiles, C tiles, B):
+    (i_b, o_n, o_c, m_n, m_c), the batch index and the row offsets as int64 (N * stride may pass 2^31)."""
+    i_n, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return i_b, o_n, o_c, o_n < N, o_c < C
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Apply the whitening matrix, forward and backward (SPEC sections 3 and 5).
+"""Apply the whitening matrix, forward and backward (docs/math.md §3 and §5).
 
 Design (A the (B, N, C) observation view of x, read through strides; y, grad_y likewise)
 - `_apply_fwd_kernel`, grid (N/BN, C/BC, B): Y = (A - mu) W * rs with W = P_T, rs = 1/sqrt(tr)
@@ -14,7 +14,7 @@ Design (A the (B, N, C) observation view of x, read through strides; y, grad_y l
   the programs of the first tile row, the column sums of Ybar'. 2 N C^2 FLOPs.
   `_apply_bwd_x_kernel`, grid (N/BN, C/BC, B): Abar = (Ybar' - colmean(Ybar')) W + Ac M with
   M = (Sigmabar + Sigmabar^T) / (N-1): two K loops into one accumulator. Subtracting the column
-  mean of Ybar' in the prologue is the "minus column means" of SPEC (Ac M has zero column means).
+  mean of Ybar' in the prologue is the "minus column means" of docs/math.md §5 (Ac M has zero column means).
   Stored in x's dtype straight into x's layout. 4 N C^2 FLOPs.
 """
 from __future__ import annotations
@@ -23,13 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import aligned, block, dot_acc, dot_precision, half_dot, num_warps, strides
-
-
-@triton.jit
-def _rsqrt_guarded(tr):
-    """1/sqrt(tr), 0 where tr == 0 (constant input)."""
-    return tl.where(tr > 0, 1.0 / tl.sqrt(tl.where(tr > 0, tr, 1.0)), 0.0)
+from ._common import aligned, block, dot_acc, dot_precision, guarded_rsqrt, half_dot, nc_tile, num_warps, strides
 
 
 @triton.jit
@@ -44,10 +38,7 @@ def _apply_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HALF_DOT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    i_n, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_n, m_c = o_n < N, o_c < C
+    i_b, o_n, o_c, m_n, m_c = nc_tile(N, C, BLOCK_N, BLOCK_C)
     p_a = a_ptr + i_b * s_ab
     p_w = w_ptr + i_b * s_wb
     b_acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
@@ -60,13 +51,13 @@ def _apply_fwd_kernel(
         b_a = tl.where(m_nk, b_a - b_mu[None, :], 0.0)
         b_w = tl.load(p_w + o_k[:, None] * C + o_c[None, :], mask=m_k[:, None] & m_c[None, :], other=0.0)
         b_acc = dot_acc(b_a, b_w, b_acc, a_ptr.dtype.element_ty, HALF_DOT, PREC)
-    b_y = b_acc * _rsqrt_guarded(tl.load(tr_ptr + i_b))
+    b_y = b_acc * guarded_rsqrt(tl.load(tr_ptr + i_b))
     m_nc = m_n[:, None] & m_c[None, :]
     tl.store(y_ptr + i_b * s_yb + o_n[:, None] * s_yn + o_c[None, :] * s_yc,
              b_y.to(y_ptr.dtype.element_ty), mask=m_nc)
     # rows past N are 0 (masked A), so they add nothing to the sums
     n_tiles = tl.num_programs(0)
-    p_part = part_ptr + (i_b * 2 * n_tiles + i_n) * C + o_c
+    p_part = part_ptr + (i_b * 2 * n_tiles + tl.program_id(0)) * C + o_c
     tl.store(p_part, tl.sum(b_y, axis=0), mask=m_c)
     tl.store(p_part + n_tiles * C, tl.sum(b_y * b_y, axis=0), mask=m_c)
 
@@ -112,7 +103,7 @@ def _apply_bwd_w_kernel(
                           s_gb, s_gn, s_gc, s_yb, s_yn, s_yc, C)
         b_acc = dot_acc(tl.trans(b_a), b_yb, b_acc, a_ptr.dtype.element_ty, HALF_DOT, PREC)
         b_ysum += tl.sum(b_yb, axis=0)
-    b_g = b_acc * _rsqrt_guarded(tl.load(tr_ptr + i_b))
+    b_g = b_acc * guarded_rsqrt(tl.load(tr_ptr + i_b))
     tl.store(g_ptr + i_b * C * C + o_i[:, None] * C + o_j[None, :], b_g, mask=m_i[:, None] & m_j[None, :])
     if i_i == 0:
         tl.store(ysum_ptr + i_b * C + o_j, b_ysum, mask=m_j)
@@ -129,11 +120,8 @@ def _apply_bwd_x_kernel(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HALF_DOT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    i_n, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_n, m_c = o_n < N, o_c < C
-    rs = _rsqrt_guarded(tl.load(tr_ptr + i_b))
+    i_b, o_n, o_c, m_n, m_c = nc_tile(N, C, BLOCK_N, BLOCK_C)
+    rs = guarded_rsqrt(tl.load(tr_ptr + i_b))
     b_acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     # (Ybar' - colmean(Ybar')) @ W
     for k0 in range(0, C, BLOCK_K):

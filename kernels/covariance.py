@@ -1,4 +1,4 @@
-"""Column means, covariance Sigma = Ac^T Ac / (N - 1), trace and S = Sigma / tr (SPEC section 3).
+"""Column means, covariance Sigma = Ac^T Ac / (N - 1), trace and S = Sigma / tr (docs/math.md §3).
 
 Design
 - Input: the (B, N, C) observation view A of x (A = x for axis=1, A = x^T for axis=0), read through
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import aligned, block, dot_acc, dot_precision, half_dot, num_warps, small_blocks, strides
+from ._common import aligned, block, dot_acc, dot_precision, guarded_inverse, half_dot, num_warps, small_blocks, strides
 
 # Longest run of rows one program sums sequentially (the fp32 error grows with it).
 MAX_SPLIT_ROWS = 2048
@@ -143,7 +143,7 @@ def _cov_scale_kernel(
         o_c = c0 + tl.arange(0, BLOCK_R)
         b_tr += tl.load(var_ptr + i_b * C + o_c, mask=o_c < C, other=0.0)
     tr = tl.sum(b_tr, axis=0)
-    inv_tr = tl.where(tr > 0, 1.0 / tl.where(tr > 0, tr, 1.0), 0.0)
+    inv_tr = guarded_inverse(tr)
     if (i_i == 0) & (i_j == 0):
         tl.store(tr_ptr + i_b, tr)
     o_i = i_i * BLOCK_C + tl.arange(0, BLOCK_C)

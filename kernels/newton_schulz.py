@@ -1,7 +1,7 @@
-"""Newton-Schulz iterations of IterNorm, forward and backward (SPEC sections 3 and 5).
+"""Newton-Schulz iterations of IterNorm, forward and backward (docs/math.md §3 and §5).
 
 All matrices here are (B, C, C) fp32, row-major (row stride C, unit column stride), batch strides
-passed explicitly, so slices of the saved Ps (B, T, C, C) and Pp (B, T-1, 2, C, C) are used in place.
+passed explicitly, so slices of the saved Ps (B, T, C, C) and powers (B, T-1, 2, C, C) are used in place.
 
 Design
 - One product kernel, `_ns_mm_kernel`: O = alpha * (X1 Y1 [+ X2 Y2 [+ X3 Y3]]) + beta * Z, grid
@@ -15,7 +15,7 @@ Design
   `_ns_fwd_rows_kernel`, grid (C/BM, B): row block r of P^2 needs only rows r of P (and all of P),
   row block r of P^3 only rows r of P^2, and so on, so each program runs the whole step for its
   rows without waiting for another (full rows: 6 C^3 FLOPs per step, but T-1 launches in all).
-  P^2 and P^3 are written straight into Pp, P_k into Ps: the saved layout costs no copy.
+  P^2 and P^3 are written straight into powers, P_k into Ps: the saved layout costs no copy.
 - Backward, step k = T..2 with B = P_{k-1} (symmetric, commuting with S), G = Pbar:
       Sbar -= 0.5 B^3 G;   H = G S;   U = B H;   G <- 1.5 G - 0.5 (H B^2 + U B + B^2 H)
   6 products of 2 C^3 FLOPs per step (G is not symmetric: full tiles). Large C: 4 launches per step
@@ -201,12 +201,12 @@ def ns_mm(out, prods, alpha=1.0, z=None, beta=0.0, sym=False):
     return out
 
 
-def newton_schulz_fwd(S: torch.Tensor, Ps: torch.Tensor, Pp: torch.Tensor) -> None:
-    """Fill Ps[:, 1:] (P_2..P_T) and Pp (P_k^2, P_k^3, k = 1..T-1) in place; Ps[:, 0] = P_1 is given."""
+def newton_schulz_fwd(S: torch.Tensor, Ps: torch.Tensor, powers: torch.Tensor) -> None:
+    """Fill Ps[:, 1:] (P_2..P_T) and powers (P_k^2, P_k^3, k = 1..T-1) in place; Ps[:, 0] = P_1 is given."""
     B, T, C = Ps.shape[0], Ps.shape[1], S.shape[-1]
     prec = dot_precision()
     for k in range(1, T):
-        P, P2, P3, Pn = Ps[:, k - 1], Pp[:, k - 1, 0], Pp[:, k - 1, 1], Ps[:, k]
+        P, P2, P3, Pn = Ps[:, k - 1], powers[:, k - 1, 0], powers[:, k - 1, 1], Ps[:, k]
         if _use_rows(C):
             for t in (S, P, P2, P3, Pn):
                 _check_square(t, C)
@@ -220,7 +220,7 @@ def newton_schulz_fwd(S: torch.Tensor, Ps: torch.Tensor, Pp: torch.Tensor) -> No
             ns_mm(Pn, [(P3, S)], alpha=-0.5, z=P, beta=1.5, sym=True)
 
 
-def newton_schulz_bwd(G: torch.Tensor, S: torch.Tensor, Ps: torch.Tensor, Pp: torch.Tensor) -> torch.Tensor:
+def newton_schulz_bwd(G: torch.Tensor, S: torch.Tensor, Ps: torch.Tensor, powers: torch.Tensor) -> torch.Tensor:
     """Sbar (B, C, C) given G = dL/dP_T (B, C, C) contiguous, through the T Newton-Schulz steps.
     G is overwritten."""
     B, T, C = Ps.shape[0], Ps.shape[1], S.shape[-1]
@@ -230,7 +230,7 @@ def newton_schulz_bwd(G: torch.Tensor, S: torch.Tensor, Ps: torch.Tensor, Pp: to
     H, U, G2 = torch.empty_like(G), torch.empty_like(G), torch.empty_like(G)
     prec = dot_precision()
     for k in range(T, 1, -1):
-        Bk, B2, B3 = Ps[:, k - 2], Pp[:, k - 2, 0], Pp[:, k - 2, 1]
+        Bk, B2, B3 = Ps[:, k - 2], powers[:, k - 2, 0], powers[:, k - 2, 1]
         if _use_rows(C):
             for t in (G, S, H, U, G2, Sbar, Bk, B2, B3):
                 _check_square(t, C)

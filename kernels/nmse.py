@@ -1,4 +1,4 @@
-"""Alignment term nmse(a, b) = 2 - 2 mean_i cos(a_i, b_i), forward and backward (SPEC section 4).
+"""Alignment term nmse(a, b) = 2 - 2 mean_i cos(a_i, b_i), forward and backward (docs/math.md §4).
 
 Design: a, b (B, m, d) through their strides (b is often a stride-0 broadcast of view 0), rows are
 samples. `_nmse_fwd_kernel`, grid (m/BM, B): one pass over d accumulating <a_i, b_i>, |a_i|^2,

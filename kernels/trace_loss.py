@@ -1,4 +1,4 @@
-"""Standalone trace loss TL(y) = sum_j (v_j - 1)^2, v_j the unbiased variance of variable j (SPEC 4).
+"""Standalone trace loss TL(y) = sum_j (v_j - 1)^2, v_j the unbiased variance of variable j (docs/math.md §4).
 
 (intl_loss does not use these: it takes v from the iternorm forward's epilogue.)
 Design: y's (B, N, C) observation view through strides. `_colvar_kernel`, grid (C/BC, B): one pass
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import aligned, block, num_warps, strides
+from ._common import aligned, block, nc_tile, num_warps, strides
 
 
 @triton.jit
@@ -49,11 +49,8 @@ def _trace_loss_bwd_kernel(
     N, C, s_yb, s_yn, s_yc, s_gb, s_gn, s_gc,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    i_n, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    m_nc = (o_n < N)[:, None] & m_c[None, :]
+    i_b, o_n, o_c, m_n, m_c = nc_tile(N, C, BLOCK_N, BLOCK_C)
+    m_nc = m_n[:, None] & m_c[None, :]
     b_v = tl.load(v_ptr + i_b * C + o_c, mask=m_c, other=0.0)
     b_mu = tl.load(mean_ptr + i_b * C + o_c, mask=m_c, other=0.0)
     b_coef = tl.load(g_ptr + i_b) * 4.0 * (b_v - 1.0) / (N - 1)
