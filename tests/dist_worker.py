@@ -8,6 +8,8 @@ import torch.distributed as dist
 
 import intl_ops
 
+KEYS = ("y", "g_iternorm", "loss", "g_loss", "loss_m", "g_loss_m")  # what each rank saves, per axis
+
 
 def global_batch(seed: int, k: int, m: int, d: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -30,8 +32,8 @@ def main(out_dir: str) -> None:
         (g_loss,) = torch.autograd.grad(loss, views)
         loss_m = intl_ops.intl_loss(list(views[1:]), 4, axis, target=target, process_group=dist.group.WORLD)
         (g_loss_m,) = torch.autograd.grad(loss_m, views)
-        results[axis] = dict(y=y.detach(), g_iternorm=g_iternorm, loss=loss.detach(), g_loss=g_loss,
-                             loss_m=loss_m.detach(), g_loss_m=g_loss_m)
+        results[axis] = dict(zip(KEYS, (y.detach(), g_iternorm, loss.detach(), g_loss, loss_m.detach(), g_loss_m),
+                                 strict=True))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
