@@ -1,6 +1,6 @@
-"""Issue 2's CPU benchmark: fwd+bwd of iternorm and intl_loss, reference backend vs the literal code.
+"""The foundation CPU benchmark: fwd+bwd of iternorm and intl_loss, reference backend vs the literal code.
 
-    python -m bench --foundation          (or: python -m bench.foundation_cpu [--top-ops])
+    python -m bench --foundation [--save]   (or: python -m bench.foundation_cpu [--top-ops] [--save])
 
 fp32, T = 4, at (m=256, d=2048, axis=0) and (m=256, d=1024, axis=1); intl_loss with 2 views.
 Each row: median (p20-p80) of repeated full (forward + backward) calls with a monotonic clock, and
@@ -8,20 +8,21 @@ the extra peak memory of one call (torch's CPU allocator high-water mark above t
 call, from torch.profiler's allocation events; see bench/timing.py). The goal at axis=1: the
 reference at least 1.2x faster and at most 0.8x the literal version's extra peak memory.
 --top-ops prints where the time goes (torch.profiler, self CPU time per op) for each provider.
+Files (<date>_<device>_foundation.{md,json}) go to a new git-ignored folder bench/out/<stem>/ (--out DIR:
+there); --save also files them into bench/results/ (tracked).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
 from . import providers as P
 from . import report, roofline
+from .measure import add_speedups, measure, mode_calls
 from .providers import Case
-from .runner import add_speedups, measure, mode_calls
 
 CASES = (
     Case("iternorm", 256, 2048, axis=0), Case("iternorm", 256, 1024, axis=1),
@@ -69,12 +70,11 @@ def summary_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench --foundation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results-dir", default=str(report.RESULTS))
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     p.add_argument("--min-reps", type=int, default=7)
     p.add_argument("--target-s", type=float, default=4.0, help="seconds of repeated calls per row")
     p.add_argument("--top-ops", action="store_true", help="also print the ops that take the time")
-    p.add_argument("--no-save", action="store_true")
+    report.add_output_args(p)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         add_speedups(case_rows)
         rows += case_rows
     text = "\n".join([
-        "# Foundation CPU benchmark (issue 2): reference backend vs literal autograd, fp32, T=4, fwd+bwd",
+        "# Foundation CPU benchmark: reference backend vs literal autograd, fp32, T=4, fwd+bwd",
         "", report.header(prov, peaks), "",
         "Times: median (p20-p80) of repeated full calls, perf_counter; peak: extra bytes of torch's CPU allocator",
         "during one call (torch.profiler allocation events). speedup = literal / reference time; memory ratio =",
@@ -107,16 +107,16 @@ def main(argv=None) -> int:
         for case in CASES:
             for provider in PROVIDERS:
                 print(f"\n## where the time goes: {case.label()} {provider}\n```\n{top_ops(case, provider)}```")
-    if not args.no_save:
-        results = Path(args.results_dir)
+    if not args.no_files:
         stem = report.run_stem(prov, "foundation")
-        results.mkdir(parents=True, exist_ok=True)
-        (results / f"{stem}.md").write_text(text + "\n")
-        (results / f"{stem}.json").write_text(json.dumps({"provenance": prov, "peaks": peaks, "rows": rows},
-                                                         indent=1, sort_keys=True) + "\n")
-        report.append_csv(results / "rows.csv", rows)
-        report.append_jsonl(results / "rows.jsonl", rows)
-        log(f"saved {results / stem}.md / .json")
+        folder = report.run_dir(stem, args.out)
+        files = [folder / f"{stem}.md", folder / f"{stem}.json"]
+        files[0].write_text(text + "\n")
+        files[1].write_text(json.dumps({"provenance": prov, "peaks": peaks, "rows": rows}, indent=1, sort_keys=True)
+                            + "\n")
+        log(f"files: {folder}/ ({', '.join(f.name for f in files)})")
+        if args.save:
+            log(f"saved: {', '.join(str(f) for f in report.save_run(files, rows))} (commit them)")
     return 0
 
 

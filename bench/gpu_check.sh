@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ONE script for a lent GPU (../shared/GPU.md, bench/README.md "On a lent GPU"): versions, the CUDA
+# The ONE script for a lent GPU (bench/README.md "On a lent GPU"): versions, the CUDA
 # extension build, the GPU tests (tests/test_triton.py, tests/test_cuda.py: every test, on CUDA), the
 # headline benchmark rows, Newton-Schulz CUDA vs Triton, the ResNet-50 training step, a profile, and
 # compute-sanitizer memcheck if time is left. Steps run in that order (most important first), each
@@ -97,11 +97,11 @@ else
         [01_build]="CUDA extension: intl_ops.backend_cuda.build()"
         [02_test_triton]="tests/test_triton.py, every test, on CUDA"
         [03_test_cuda]="tests/test_cuda.py, every test, on CUDA"
-        [04_bench_headline]="python -m bench --grid headline (eager, reference, triton, cuda)"
+        [04_bench_headline]="python -m bench --grid headline (eager and every registered backend)"
         [05_ns_compare]="Newton-Schulz C=64/128/256: CUDA vs Triton vs torch, fwd+bwd"
         [06_train_step]="train/bench_step.py: ResNet-50 step, losses triton/cuda/literal"
         [07_profile]="python -m bench --grid headline --profile, bf16, Chrome traces"
-        [08_sanitize]="compute-sanitizer memcheck on csrc/sanitize_run.py")
+        [08_sanitize]="compute-sanitizer memcheck on tools/sanitize_run.py")
 fi
 
 # ------------------------------------------------------------------ bookkeeping, summary, archive
@@ -147,7 +147,7 @@ key_lines() {  # the lines of step $1's log worth reading without the archive
   local name="$1" log="$WORK/logs/$1.log"
   [ -f "$log" ] || return 0
   case "$name" in
-    00_env) grep -E '^(gpu|gpu-mem|python|torch|torchvision|triton|nvcc|git|backend|build_dir|cpu)' "$log" ;;
+    00_env) grep -E '^(gpu|gpu-mem|python|torch|torchvision|triton|nvcc|git|backend|registered|build_dir|cpu)' "$log" ;;
     01_build)
       grep -E '^built:' "$log" || grep -v '^removed build lock' "$log" | tail -n 6
       local k bad
@@ -168,7 +168,7 @@ key_lines() {  # the lines of step $1's log worth reading without the archive
         grep -E '^- ' "$log"
       else  # stopped before its table: the rows measured so far, from the progress lines
         grep -E '^  .* (ms|error.*)$' "$log"
-        echo "(no table: stopped early; the rows measured are in results/bench_headline/rows.jsonl)"
+        echo "(no table: stopped early; the rows measured are in results/bench_headline/*.jsonl)"
       fi ;;
     05_ns_compare) sed -n '/^Newton-Schulz, CUDA vs Triton/,$p' "$log" | grep -E '^(\||Newton)' ;;
     06_train_step) grep -E '^\{' "$log" | tail -n 1 | "$PY" "$TOP/fmt_train.py" 2>&1 ;;
@@ -271,9 +271,9 @@ skip_step() {  # skip_step NAME REASON
 # machine (one user, steps one after another: no build is running) every lock is removed; in the dry run
 # (a shared machine), after a step that failed, a lock created during it or older than 10 minutes (no
 # build takes that long; a younger one may be another user's build in progress). The JIT cache is build_dir() of
-# intl_ops/backend_cuda.py: $INTL_OPS_CUDA_BUILD_DIR, else build/ of the checkout (if writable).
+# intl_ops/cuda_build.py: $INTL_OPS_CUDA_BUILD_DIR, else build/ of the checkout (if writable), else the user cache.
 BUILD_BASE="${INTL_OPS_CUDA_BUILD_DIR:-$REPO/build}"
-[ -w "$REPO" ] || BUILD_BASE="${INTL_OPS_CUDA_BUILD_DIR:-$HOME/.cache/intl_ops}"
+[ -w "$REPO" ] || BUILD_BASE="${INTL_OPS_CUDA_BUILD_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/intl_ops}"
 clear_locks() {  # clear_locks all|new LOG: remove BUILD_BASE/*/lock (new: made during the step, or old)
   local f
   for f in "$BUILD_BASE"/*/lock; do
@@ -406,6 +406,7 @@ print("build_dir", backend_cuda.build_dir())
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 for k, v in intl_ops.available_backends(dev).items():
     print(f"backend {k} on {dev}: {v}")
+print("registered", ",".join(intl_ops.backends.registered()))  # read back by the bench steps
 EOF
 cat > "$TOP/env.sh" <<'EOF'
 (nvidia-smi 2>&1 || echo "nvidia-smi: not available")
@@ -452,14 +453,20 @@ for t in 02_test_triton:tests/test_triton.py 03_test_cuda:tests/test_cuda.py; do
 done
 
 # ------------------------------------------------------------------ 4. headline benchmark rows
-# Rows stop starting at --time-budget (most important first), so the table and plot get written.
+# Providers: eager and every backend of the registry (intl_ops.backends.registered()), so a backend
+# registered there is benchmarked here too. Rows stop starting at --time-budget (most important first),
+# so the table and plot get written.
+BACKENDS="$(sed -n 's/^registered //p' "$WORK/logs/00_env.log" 2>/dev/null | tail -n 1)"
+[ -n "$BACKENDS" ] || BACKENDS="$("$PY" -c 'from intl_ops.backends import registered; print(",".join(registered()))' 2>/dev/null)"
+BENCH_PROVIDERS="eager${BACKENDS:+,$BACKENDS}"
+say "bench providers: $BENCH_PROVIDERS (eager and intl_ops.backends.registered())"
 lim=$(limit_for 04_bench_headline)
 if (( DRY )); then
-  run_step 04_bench_headline "$lim" "$PY" -m bench --grid tiny --providers eager,reference,triton,cuda \
-    --results-dir "$WORK/results/bench_headline" --time-budget $(( lim - 15 ))
+  run_step 04_bench_headline "$lim" "$PY" -m bench --grid tiny --providers "$BENCH_PROVIDERS" \
+    --out "$WORK/results/bench_headline" --time-budget $(( lim - 15 ))
 else
-  run_step 04_bench_headline "$lim" "$PY" -m bench --grid headline --providers eager,reference,triton,cuda \
-    --results-dir "$WORK/results/bench_headline" --time-budget $(( lim - 25 )) --rep-ms 50 --warmup-ms 10
+  run_step 04_bench_headline "$lim" "$PY" -m bench --grid headline --providers "$BENCH_PROVIDERS" \
+    --out "$WORK/results/bench_headline" --time-budget $(( lim - 25 )) --rep-ms 50 --warmup-ms 10
 fi
 
 # ------------------------------------------------------------------ 5. Newton-Schulz, CUDA vs Triton
@@ -484,10 +491,10 @@ fi
 lim=$(limit_for 07_profile)
 if (( DRY )); then
   run_step 07_profile "$lim" "$PY" -m bench --grid tiny --ops intl_loss,iternorm --modes full \
-    --providers eager,reference,triton,cuda --profile --trace-dir "$WORK/results/traces"
+    --providers "$BENCH_PROVIDERS" --profile --trace-dir "$WORK/results/traces"
 else
   run_step 07_profile "$lim" "$PY" -m bench --grid headline --ops intl_loss,iternorm --dtypes bf16 --modes full \
-    --providers eager,reference,triton,cuda --profile --trace-dir "$WORK/results/traces"
+    --providers "$BENCH_PROVIDERS" --profile --trace-dir "$WORK/results/traces"
 fi
 
 # ------------------------------------------------------------------ 8. compute-sanitizer (lowest priority)
@@ -503,7 +510,7 @@ elif [ "${INTL_OPS_JIT:-0}" != 1 ]; then
 elif (( lim < 40 )); then
   skip_step 08_sanitize "no time left (${lim} s, needs >= 40)"
 else
-  run_step 08_sanitize "$lim" compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" csrc/sanitize_run.py
+  run_step 08_sanitize "$lim" compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tools/sanitize_run.py
 fi
 
 fails=0

@@ -2,17 +2,20 @@
 
 A setup function takes a Case and returns the op's forward as a function of the input views
 (a list of K (m, d) tensors) that returns what a user would call backward on: y for iternorm /
-whiten, the scalar loss for trace_loss / intl_loss. The runner builds the forward / backward /
+whiten, the scalar loss for trace_loss / intl_loss. bench/measure.py builds the forward / backward /
 full modes from it, so every provider is timed by the same code.
 
-Providers (discovered, never imported directly: new backends appear through intl_ops.available_backends):
+Providers:
     eager      intl_ops.literal: the public reference code (matrix_power + baddbmm, autograd)
     eager-amp  the same under torch.autocast(bf16), as the reference training script runs it
     compiled   torch.compile(eager)
-    reference  intl_ops with backend="reference" (pure PyTorch, analytic backward)
-    triton     intl_ops with backend="triton"  (when available on the device)
-    cuda       intl_ops with backend="cuda"    (when available on the device)
-For op "whiten" (issue 7) the providers are the methods of intl_ops.whiten: iternorm, zca, cholesky.
+    and one per backend of intl_ops.backends.registered() (reference, triton, cuda, and any backend
+    registered later): intl_ops with backend=<name>. Nothing here names a backend: a new one is
+    benchmarked as soon as it is registered. A backend is timed only where it runs the case itself
+    (intl_ops.backends.supports for the case's main op; elsewhere intl_ops would quietly run the
+    reference in its place).
+For op "whiten" (the whitening comparison) the providers are the methods of intl_ops.whiten:
+iternorm, zca, cholesky.
 """
 from __future__ import annotations
 
@@ -22,14 +25,19 @@ from typing import Callable
 import torch
 
 import intl_ops
-from intl_ops import literal
+from intl_ops import backends, literal
 
 OPS = ("iternorm", "trace_loss", "intl_loss", "whiten")
 MODES = ("forward", "backward", "full")
-PROVIDERS = ("eager", "eager-amp", "compiled", "reference", "triton", "cuda")
+FIXED_PROVIDERS = ("eager", "eager-amp", "compiled")
 WHITEN_PROVIDERS = ("iternorm", "zca", "cholesky")
-BACKEND_PROVIDERS = ("reference", "triton", "cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+# The backend op whose support decides whether a backend provider runs a case.
+BACKEND_OP = {"iternorm": "iternorm_fwd", "intl_loss": "iternorm_fwd", "trace_loss": "trace_loss_fwd"}
+
+# Backends whose timings on CPU mean nothing unless asked for (--allow-interpreter).
+INTERPRETED_ON_CPU = {"triton": "Triton on CPU runs under the interpreter: its timings mean nothing"}
 
 # The provider every other one is compared with ("speedup" column).
 BASELINE = {"whiten": "zca"}
@@ -57,44 +65,63 @@ class Case:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def observations_shape(self) -> tuple[int, ...]:
+        """The (*, N, C) shape of the matrix A the backends see: (d, m) for axis=0, (m, d) for
+        axis=1; intl_loss stacks its K views, (K, N, C)."""
+        nc = (self.d, self.m) if self.axis == 0 else (self.m, self.d)
+        return (self.k, *nc) if self.op == "intl_loss" else nc
+
 
 def baseline(op: str) -> str:
     return BASELINE.get(op, DEFAULT_BASELINE)
 
 
+def backend_providers() -> tuple[str, ...]:
+    """Every registered intl_ops backend, in the registry's order."""
+    return backends.registered()
+
+
 def providers_for(op: str) -> tuple[str, ...]:
-    return WHITEN_PROVIDERS if op == "whiten" else PROVIDERS
+    return WHITEN_PROVIDERS if op == "whiten" else FIXED_PROVIDERS + backend_providers()
+
+
+def all_providers() -> tuple[str, ...]:
+    return FIXED_PROVIDERS + backend_providers() + WHITEN_PROVIDERS
 
 
 # ------------------------------------------------------------------ discovery
 def provider_status(device: torch.device, allow_interpreter: bool = False) -> dict[str, str | None]:
-    """{provider: None if it can run on `device`, else why not} for every provider name."""
+    """{provider: None if it can run on `device`, else why not} for every provider of every op
+    (whiten's methods as "whiten:<method>")."""
     device = torch.device(device)
-    status: dict[str, str | None] = {"eager": None, "compiled": None, "reference": None}
+    status: dict[str, str | None] = {"eager": None, "compiled": None}
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         status["eager-amp"] = "this GPU has no bf16 support"
     else:
         status["eager-amp"] = None  # on CPU autocast runs bf16 matmuls too
-    backends = intl_ops.available_backends(device)
-    for name in ("triton", "cuda"):
-        reason = backends.get(name, "not registered in intl_ops.backends")
+    available = intl_ops.available_backends(device)
+    for name in backend_providers():
+        reason = available.get(name, "not in intl_ops.available_backends")
         if reason == "available":
             reason = None
-        if reason is None and device.type == "cpu" and name == "triton" and not allow_interpreter:
-            reason = "Triton on CPU runs under the interpreter: its timings mean nothing"
+        if reason is None and device.type == "cpu" and name in INTERPRETED_ON_CPU and not allow_interpreter:
+            reason = INTERPRETED_ON_CPU[name]
         status[name] = reason
-    whiten = getattr(intl_ops, "whiten", None)
     for method in WHITEN_PROVIDERS:
-        status[f"whiten:{method}"] = None if whiten is not None else "intl_ops.whiten is not available (issue 7)"
+        status[f"whiten:{method}"] = None
     return status
 
 
-def runnable(op: str, provider: str, status: dict[str, str | None]) -> str | None:
-    """None if (op, provider) can run, else the reason."""
-    key = f"whiten:{provider}" if op == "whiten" else provider
+def runnable(case: Case, provider: str, status: dict[str, str | None], device: torch.device) -> str | None:
+    """None if `provider` can run `case` on `device`, else the reason: the provider's status, or for a
+    backend what intl_ops.backends.supports says of the case's main op at its shape and dtype."""
+    key = f"whiten:{provider}" if case.op == "whiten" else provider
     if key not in status:
-        return f"unknown provider {provider!r} for op {op!r}"
-    return status[key]
+        return f"unknown provider {provider!r} for op {case.op!r}"
+    if status[key] is not None or provider not in backend_providers() or case.op == "whiten":
+        return status[key]
+    return backends.supports(provider, BACKEND_OP[case.op], case.observations_shape(), DTYPES[case.dtype],
+                             torch.device(device))
 
 
 # ------------------------------------------------------------------ inputs
@@ -135,25 +162,6 @@ def _(c: Case):
     return lambda xs: literal.intl_loss(xs, c.iters, c.axis)
 
 
-# intl_ops backends: the public API with a concrete backend.
-def _backend_setups(backend: str):
-    @setup("iternorm", backend)
-    def _(c: Case):
-        return lambda xs: intl_ops.iternorm(xs[0], c.iters, c.axis, backend=backend)
-
-    @setup("trace_loss", backend)
-    def _(c: Case):
-        return lambda xs: intl_ops.trace_loss(xs[0], c.axis, backend=backend)
-
-    @setup("intl_loss", backend)
-    def _(c: Case):
-        return lambda xs: intl_ops.intl_loss(xs, c.iters, c.axis, backend=backend)
-
-
-for _b in BACKEND_PROVIDERS:
-    _backend_setups(_b)
-
-
 # eager-amp and compiled: wrappers of the eager setup.
 def _eager_amp(op: str):
     @setup(op, "eager-amp")
@@ -184,24 +192,32 @@ for _op in ("iternorm", "trace_loss", "intl_loss"):
     _compiled(_op)
 
 
-# whiten (issue 7): the methods of intl_ops.whiten, looked up at call time.
+# whiten (the whitening comparison): the methods of intl_ops.whiten.
 def _whiten_setup(method: str):
     @setup("whiten", method)
     def _(c: Case):
-        whiten = getattr(intl_ops, "whiten")
-        return lambda xs: whiten(xs[0], method=method, axis=c.axis, iters=c.iters)
+        return lambda xs: intl_ops.whiten(xs[0], method=method, axis=c.axis, iters=c.iters)
 
 
 for _m in WHITEN_PROVIDERS:
     _whiten_setup(_m)
 
 
+# intl_ops backends: the public API with backend=<name>, for every registered name.
+def _backend_forward(c: Case, backend: str) -> Callable:
+    if c.op == "iternorm":
+        return lambda xs: intl_ops.iternorm(xs[0], c.iters, c.axis, backend=backend)
+    if c.op == "trace_loss":
+        return lambda xs: intl_ops.trace_loss(xs[0], c.axis, backend=backend)
+    return lambda xs: intl_ops.intl_loss(xs, c.iters, c.axis, backend=backend)
+
+
 def get_forward(case: Case, provider: str) -> Callable:
-    try:
-        factory = SETUPS[(case.op, provider)]
-    except KeyError:
-        raise ValueError(f"no setup for op {case.op!r} and provider {provider!r}") from None
-    return factory(case)
+    if (case.op, provider) in SETUPS:
+        return SETUPS[(case.op, provider)](case)
+    if case.op in BACKEND_OP and provider in backend_providers():
+        return _backend_forward(case, provider)
+    raise ValueError(f"no setup for op {case.op!r} and provider {provider!r}")
 
 
 def raise_dynamo_limits() -> None:

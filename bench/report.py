@@ -1,12 +1,18 @@
-"""Provenance, the markdown table, and the CSV / JSON-lines files that keep every result."""
+"""Provenance, the markdown table, and the files of a run.
+
+Every run writes into its own folder under OUT (bench/out/, git-ignored): nothing a run writes is
+tracked unless asked for. `save_run` (the `--save` flag) copies a run's files into RESULTS
+(bench/results/, tracked) and appends its rows to RESULTS/rows.{csv,jsonl}."""
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -14,7 +20,8 @@ from typing import Iterable, Sequence
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # tracked: only what --save puts there
+OUT = Path(__file__).resolve().parent / "out"           # git-ignored: every run's own folder
 
 # Every row carries these (the provenance), then the case, then the measurements.
 PROVENANCE_KEYS = ("date", "device", "device_kind", "torch", "triton", "cuda", "python", "git_sha", "threads")
@@ -158,3 +165,52 @@ def append_jsonl(path: Path, rows: Sequence[dict]) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------ run folders and --save
+def run_dir(stem: str, out: str | Path | None = None, root: Path | None = None) -> Path:
+    """The folder a run writes into: `out` when given (created if missing), else a new folder
+    <root>/<stem> (root: OUT), with a -2, -3, ... suffix when a run of the same minute has one."""
+    if out is not None:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    root = OUT if root is None else Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path, n = root / stem, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+            path = root / f"{stem}-{n}"
+
+
+def save_run(files: Sequence[Path], rows: Sequence[dict], results: Path | None = None) -> list[Path]:
+    """Copy a run's files into `results` (RESULTS: bench/results/, tracked) under their own names
+    (<date>_<device>_<grid>.<ext>) and append its rows to results/rows.{csv,jsonl}. Refuses (before
+    copying anything) when a file of that name is already there: the run was saved before."""
+    results = RESULTS if results is None else Path(results)
+    targets = [results / Path(f).name for f in files]
+    taken = [str(t) for t in targets if t.exists()]
+    if taken:
+        raise FileExistsError(f"already in {results}, not saved again: {', '.join(taken)}")
+    results.mkdir(parents=True, exist_ok=True)
+    for f, t in zip(files, targets):
+        shutil.copy2(f, t)
+    append_csv(results / "rows.csv", rows)
+    append_jsonl(results / "rows.jsonl", rows)
+    return targets + [results / "rows.csv", results / "rows.jsonl"]
+
+
+def add_output_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--out, --save, --no-files: the same for every benchmark of bench/ (see report.run_dir, save_run)."""
+    o = p.add_argument_group("output (default: a new folder bench/out/<date>_<device>_<grid>/, git-ignored)")
+    o.add_argument("--out", help="write this run's files into DIR instead (created if missing)", metavar="DIR")
+    files = o.add_mutually_exclusive_group()
+    files.add_argument("--save", action="store_true",
+                       help="also copy the run's files into bench/results/ (tracked; commit them) and append its rows "
+                            "to bench/results/rows.{csv,jsonl}")
+    files.add_argument("--no-files", action="store_true", help="print only: write no file")
+    return o

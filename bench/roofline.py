@@ -1,18 +1,19 @@
 """Roofline floors: the FLOPs and minimum bytes of every benchmarked op, and the device's peaks.
 
-Notation (SPEC section 2): each view is an (N observations x C variables) matrix A; axis=0 means
+Notation (docs/math.md §2): each view is an (N observations x C variables) matrix A; axis=0 means
 N = d, C = m; axis=1 means N = m, C = d. K views, T Newton steps, `e` bytes per input element.
 
 FLOPs count a matmul (a x b) @ (b x c) as 2abc, and every product in full: the symmetric ones
 (Sigma, the iterates) are counted both ways, as a dense GEMM would compute them. The algorithm
-counted is the cheapest one we know (SPEC sections 3 and 5), not what any provider happens to do:
+counted is the cheapest one we know (docs/math.md §3 and §5), not what any provider happens to do:
     iternorm forward   Sigma 2NC^2 + Newton 3 products/step for steps 2..T (P^2, P^3, P^3 S;
                        step 1 is the closed form 1.5 I - 0.5 S) + Y = Ac W 2NC^2
                        = 4NC^2 + 6(T-1)C^3, plus ~6NC elementwise (mean, centre, variances).
     iternorm backward  Wbar = Ac^T Ybar, Acbar = Ybar W^T, Ac (Sigmabar + Sigmabar^T): 6NC^2;
-                       6 products per step for steps T..2 (SPEC section 5; step 1 has none):
+                       6 products per step for steps T..2 (docs/math.md §5; step 1 has none):
                        12(T-1)C^3, plus ~6NC elementwise.
-    (full = 10NC^2 + 18(T-1)C^3: 27 C^3-sized products at T=4, the literal code does 36.)
+    (full = 10NC^2 + 18(T-1)C^3: 27 C^3-sized products at T=4, the literal code does 31;
+    tests/test_bench.py counts them.)
     trace_loss         forward ~4NC (mean, subtract, square, sum), backward ~4NC.
     nmse (per pair)    forward ~6md (a.b, |a|^2, |b|^2), backward ~10md.
     intl_loss          K iternorms + (K-1) nmse pairs (the trace loss comes from the C-vector v).
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-# H200 ceilings (../shared/GPU.md): copy measured on such a machine (bytes read + written),
+# H200 ceilings (the project's GPU notes): copy measured on such a machine (bytes read + written),
 # bf16 matmul measured at 8192^3; tf32 about half of bf16; fp32 without tensor cores ~67 TFLOP/s.
 H200 = {"bytes_per_s": 4.3e12, "bf16": 790e12, "fp16": 790e12, "tf32": 395e12, "fp32": 67e12}
 
@@ -153,5 +154,5 @@ def measure_peaks(device: torch.device, quick: bool = False) -> dict:
 def device_peaks(device: torch.device, quick: bool = False) -> dict:
     """The ceilings a row's floor uses on `device`: the H200 table or numbers measured now."""
     if device.type == "cuda" and "H200" in torch.cuda.get_device_name(device):
-        return {**H200, "method": "H200 table (../shared/GPU.md): 4.3 TB/s copy, 790 TFLOP/s bf16, tf32 half, fp32 67"}
+        return {**H200, "method": "H200 table (bench/roofline.py): 4.3 TB/s copy, 790 TFLOP/s bf16, tf32 half, fp32 67"}
     return measure_peaks(device, quick)

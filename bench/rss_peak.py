@@ -12,7 +12,7 @@ import sys
 import torch
 
 from bench import providers as P
-from bench.runner import mode_calls
+from bench.measure import mode_calls
 
 
 def _status(key: str) -> int:

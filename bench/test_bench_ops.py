@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench import providers as P
-from bench.runner import mode_calls
+from bench.measure import mode_calls
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cuda":
@@ -26,7 +26,7 @@ def _params():
     for case in CASES:
         for provider in P.providers_for(case.op):
             for mode in P.MODES:
-                reason = P.runnable(case.op, provider, STATUS)
+                reason = P.runnable(case, provider, STATUS, DEVICE)
                 marks = [pytest.mark.skip(reason=reason)] if reason else []
                 yield pytest.param(case.with_mode(mode), provider,
                                    id=f"{case.label().replace(' ', '-')}-{mode}-{provider}", marks=marks)

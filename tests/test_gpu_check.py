@@ -2,6 +2,7 @@
 turned into its CPU / interpreter twin) and its fast aborts. The device tool brings back only a few
 files from $OUT, with names of [A-Za-z0-9._-], so $OUT must hold exactly the archive and the summary."""
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from intl_ops import backends
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
@@ -82,18 +85,25 @@ def test_archive_holds_every_log_junit_and_bench_rows(dry):
     for step in STEPS[:-1]:  # 08_sanitize is skipped in the dry run (it needs a GPU)
         assert f"gpu_check/logs/{step}.log" in members, step
     for f in ("summary.md", "gpu_check.log", "junit/02_test_triton.xml", "junit/03_test_cuda.xml",
-              "results/ns_compare/ns_compare.md", "results/ns_compare/ns_compare.json", "results/train_step_cpu.json",
-              "results/bench_headline/rows.jsonl"):
+              "results/ns_compare/ns_compare.md", "results/ns_compare/ns_compare.json", "results/train_step_cpu.json"):
         assert f"gpu_check/{f}" in members, f
-    assert any(re.fullmatch(r"gpu_check/results/bench_headline/.+_tiny\.(md|jsonl)", n) for n in names)
+    bench = sorted(n for n in names if n.startswith("gpu_check/results/bench_headline/"))
+    assert [n.rsplit(".", 1)[1] for n in bench] == ["jsonl", "md", "png"], bench  # <date>_<device>_tiny.*
+    assert all(re.fullmatch(r"gpu_check/results/bench_headline/.+_tiny\.\w+", n) for n in bench), bench
     assert any(n.startswith("gpu_check/results/traces/") and n.endswith(".json") for n in names)
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         for step in ("02_test_triton", "03_test_cuda"):
             root = ET.fromstring(tar.extractfile(f"gpu_check/junit/{step}.xml").read())
             suite = root if root.tag == "testsuite" else root.find("testsuite")
             assert int(suite.get("tests")) > 0, step
-        rows = tar.extractfile("gpu_check/results/bench_headline/rows.jsonl").read().decode().splitlines()
-        assert rows and all(r.startswith("{") for r in rows)
+        rows = [json.loads(r) for r in tar.extractfile(bench[0]).read().decode().splitlines()]
+        # the providers: eager and every registered backend (those that cannot run here are notes, not rows)
+        log = tar.extractfile("gpu_check/logs/04_bench_headline.log").read().decode()
+    assert f"--providers eager,{','.join(backends.registered())} " in log.splitlines()[0]
+    if not torch.cuda.is_available():  # on CPU only eager and reference run (Triton: not under the interpreter)
+        assert {r["provider"] for r in rows} == {"eager", "reference"}
+        for name in set(backends.registered()) - {"reference"}:
+            assert f"- {name} skipped: " in log, name
 
 
 def test_summary_names_every_step_with_its_rc(dry):

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Throughput of one rank's pretrain.py training step in a --world-GPU run, on synthetic data, per loss
-implementation and autocast mode, and the loss head's share of the step (issue 6's GPU figure).
+implementation and autocast mode, and the loss head's share of the step (the GPU figure of the ResNet-50 step).
 
     python train/bench_step.py --out $OUT/train_step.json          # ResNet-50, 8 x 32 images, 2 x 224 px, bf16
     python train/bench_step.py --amps bf16 fp16 --losses triton literal
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import os
 import shutil
@@ -297,7 +298,7 @@ def print_table(r: dict) -> None:
 
 def _version(module: str):
     try:
-        return __import__(module).__version__
+        return importlib.import_module(module).__version__
     except ImportError:
         return None
 
