@@ -22,7 +22,7 @@ import linear_eval  # noqa: E402
 import pretrain  # noqa: E402
 from ssl_data import DataError, EpochSampler  # noqa: E402
 from ssl_models import GlobalBatchNorm  # noqa: E402
-from ssl_run import Dist, error_line, load_newest_good, prune_checkpoints  # noqa: E402
+from ssl_run import Dist, error_line, good_checkpoints, load_newest_good, prune_checkpoints, read_checkpoint  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 QUIET = ["--no-tensorboard", "--eval-every", "0"]
@@ -144,20 +144,29 @@ def test_synthetic_intl_plain(tmp_path):
 
 # ------------------------------------------------------------------ 2 gloo processes == 1 process
 def test_two_processes_equal_one(tmp_path):
+    """The first update (gradients, momentum, EMA) of 2 processes equals 1 process to rounding; the logged
+    losses of all 3 steps agree. The states after 3 steps are not compared: once the weights differ by
+    rounding, a pre-activation that sits exactly on a ReLU kink (the digits have constant regions) can
+    take either side, and a later gradient then differs by a few percent in either run (measured: 3e-7
+    relative noise on the loss gradient flips it in half of the seeds)."""
     flags = ["train/pretrain.py", "--batch-size", "64", "--epochs", "1", "--max-steps", "3", "--log-every", "1",
-             "--ema", "0.9", *QUIET]
+             "--ema", "0.9", "--ckpt-every-steps", "1", "--keep-checkpoints", "3", *QUIET]
     one, two = tmp_path / "one", tmp_path / "two"
     run_script([*flags, "--output-dir", str(one)])
     run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *flags, "--output-dir", str(two)])
     log1 = [json.loads(x) for x in (one / "log.jsonl").read_text().splitlines()]
     log2 = [json.loads(x) for x in (two / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log1] == [r["step"] for r in log2] == [1, 2, 3]
-    for a, b in zip(log1, log2):
+    for a, b in zip(log1, log2, strict=True):
         for key in ("loss", "align", "trace", "lr", "eff_rank"):  # eff_rank: of the gathered global batch
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    s1, s2 = load_ckpt(one), load_ckpt(two)
-    assert s1["step"] == s2["step"] == 3
-    assert_same_state(s1, s2, rtol=1e-4, atol=1e-5)
+    firsts = []
+    for out in (one, two):
+        ckpts = {read_checkpoint(p)["step"]: p for p in good_checkpoints(str(out), ("net", "optimizer", "step"))}
+        assert sorted(ckpts) == [1, 2, 3], ckpts
+        firsts.append(read_checkpoint(ckpts[1]))
+    assert_same_state(*firsts, rtol=1e-4, atol=1e-5)
+    assert load_ckpt(one)["step"] == load_ckpt(two)["step"] == 3
     # the kNN monitor's sharded feature extraction (gathered and re-ordered over 2 ranks) sees the same images
     sum1, sum2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert sum2["world_size"] == 2 and sum1["knn_acc"] == pytest.approx(sum2["knn_acc"], abs=2 / 540)
@@ -468,7 +477,7 @@ def test_semi_supervised_finetune(digits_run, tmp_path):
 
 
 def test_bench_step_smoke(tmp_path):
-    """The GPU throughput script (issue 6's figure) runs end to end; CPU timings here mean nothing."""
+    """The GPU throughput script (train/bench_step.py) runs end to end; CPU timings here mean nothing."""
     r = bench_step.main(["--device", "cpu", "--arch", "cnn", "--image-size", "12", "--batch-size", "16", "--projector",
                          "32-32", "--steps", "1", "--warmup", "1", "--losses", "reference", "literal", "--ema", "0.99",
                          "--crops", "3", "--out", str(tmp_path / "step.json")])

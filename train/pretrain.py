@@ -41,7 +41,7 @@ from ssl_run import (JsonLog, Progress, StopRequest, atomic_save, barrier, check
                      cleanup, clear_checkpoints, good_checkpoints, init_distributed, make_output_dir,
                      prune_checkpoints, read_jsonl, resolve_resume, run_cli, run_metadata)
 
-PROJECTOR = {"cnn": "512-512-512", "resnet18": "2048-2048-2048", "resnet50": "8192-8192-8192"}  # SPEC section 7
+PROJECTOR = {"cnn": "512-512-512", "resnet18": "2048-2048-2048", "resnet50": "8192-8192-8192"}  # docs/math.md §7
 BASE_LR = {"cnn": 0.3, "resnet18": 0.3, "resnet50": "0.5 up to 100 epochs, 0.4 up to 400, else 0.3"}
 WEIGHT_DECAY = {"cnn": 1e-5, "resnet18": 1e-4, "resnet50": 1e-5}
 # The official recipes (winci-ai/INTL scripts/*.sh and cfg.py) and the paper's linear top-1 for each.
@@ -89,10 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ResNet CIFAR variant (3x3 stride-1 stem, no max-pool); default: on when --image-size <= 64")
     g.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
                    help="zero-init each residual branch's last BN (off, as in the official code)")
-    g.add_argument("--projector", help="hidden-...-embedding sizes; default per SPEC section 7: " + str(PROJECTOR))
+    g.add_argument("--projector", help="hidden-...-embedding sizes; default per docs/math.md §7: " + str(PROJECTOR))
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on for CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the (DDP-wrapped) network")
-    g = p.add_argument_group("objective (SPEC section 4)")
+    g = p.add_argument_group("objective (docs/math.md §4)")
     g.add_argument("--ema", type=float, help="INTL-M: EMA target encoder with base momentum m0 "
                    "(0.996 on ImageNet), m_t = 1 - (1 - m0)(1 + cos(pi t/T))/2; 0 (default) = plain INTL")
     g.add_argument("--iters", type=int, default=4, help="IterNorm Newton steps T")
@@ -371,7 +371,7 @@ def build_model(args, in_channels: int, d, fmt) -> tuple[torch.nn.Module, torch.
 
 
 def build_optimizer(net: torch.nn.Module, weight_decay: float, lr: float) -> torch.optim.Optimizer:
-    """SGD momentum 0.9; no weight decay on 1-D parameters (biases, BN), as SPEC section 7 says."""
+    """SGD momentum 0.9; no weight decay on 1-D parameters (biases, BN), as docs/math.md §7 says."""
     decay = [p for p in net.parameters() if p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.ndim <= 1]
     return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
@@ -505,7 +505,7 @@ def forward_loss(model, ema, crops, args, amp_dtype: torch.dtype | None, group, 
 
 
 def set_lr(optimizer, step: int, peak: float, final: float, warmup_steps: float, total_steps: int) -> float:
-    """Linear warm-up to peak, then cosine from peak to final (SPEC section 7)."""
+    """Linear warm-up to peak, then cosine from peak to final (docs/math.md §7)."""
     if step < warmup_steps:
         lr = peak * (step + 1) / warmup_steps
     else:
@@ -518,7 +518,7 @@ def set_lr(optimizer, step: int, peak: float, final: float, warmup_steps: float,
 
 @torch.no_grad()
 def ema_update(ema, net, m0: float, step: int, total_steps: int) -> float:
-    """EMA target update with SPEC's momentum m_t = 1 - (1 - m0)(1 + cos(pi t / T)) / 2 (m0 -> 1)."""
+    """EMA target update with the momentum of docs/math.md §7, m_t = 1 - (1 - m0)(1 + cos(pi t / T)) / 2 (m0 -> 1)."""
     m = 1 - (1 - m0) * (1 + math.cos(math.pi * step / total_steps)) / 2
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - m)
     for be, b in zip(ema.buffers(), net.buffers()):  # BN running statistics: copied

@@ -63,7 +63,7 @@ def backbone_state_dict(net_state: dict) -> dict:
 
 
 def build_projector(in_dim: int, spec: str) -> nn.Module:
-    """SPEC section 7: Linear(no bias)-BN-ReLU for each hidden size, then Linear (bias) to the last.
+    """docs/math.md §7: Linear(no bias)-BN-ReLU for each hidden size, then Linear (bias) to the last.
     spec "8192-8192-8192" = two hidden layers of 8192 and an 8192-d embedding."""
     sizes = [in_dim] + [int(s) for s in spec.split("-")]
     layers = []
