@@ -176,12 +176,13 @@ def iternorm_fwd(x: Tensor, iters: int, axis: int) -> IterNormSaved:
     sigma = _K.centered_gram(a, mean)
     if C <= NS_MAX_C:
         S, tr, Ps, powers, v = _K.ns_fwd(sigma, iters)
-        W = reference.last_iterate(S, Ps, iters) * reference.guarded_power(tr, -0.5)[:, None, None]
+        W = reference.whitening_matrix(reference.last_iterate(S, Ps, iters), tr)
         y = _K.centered_matmul(a, mean, W, axis == 0)  # (B, m, d) in x's dtype
     else:  # the reference's stages after the covariance (N < C is common here: v from y is the cheaper way)
         S, tr = reference.trace_normalise(sigma)
         Ps, powers = reference.newton_schulz_fwd(S, iters)
-        y, v = reference.apply_fwd(a.float() - mean[:, None, :], reference.last_iterate(S, Ps, iters), tr, axis)
+        W = reference.whitening_matrix(reference.last_iterate(S, Ps, iters), tr)
+        y, v = reference.apply_fwd(a.float() - mean[:, None, :], W, axis)
         y = y.to(x.dtype)
     return IterNormSaved(y.contiguous().reshape(x.shape), mean.reshape(*batch, C), S.reshape(*batch, C, C),
                          tr.reshape(batch), Ps.reshape(*batch, *Ps.shape[1:]),
@@ -200,7 +201,7 @@ def iternorm_bwd(grad_y: Tensor, grad_v: Tensor, y: Tensor, x: Tensor, mean: Ten
     # is unchanged and Ybar W^T + Ac M already has zero column means (Abar needs no pass).
     ybar = reference.output_grad(grad_y.reshape(-1, m, d), grad_v.reshape(B, C), y.reshape(-1, m, d), axis)
     ybar = ybar - ybar.mean(dim=1, keepdim=True)
-    W = reference.last_iterate(S, Ps, iters) * reference.guarded_power(tr, -0.5)[:, None, None]
+    W = reference.whitening_matrix(reference.last_iterate(S, Ps, iters), tr)
     wbar = _K.centered_tmatmul(a, mean, ybar)
     M = _K.ns_bwd(wbar, S, tr, Ps, powers, iters, N)
     return _K.grad_input(ybar, W, a, mean, M, axis == 0).reshape(x.shape)

@@ -116,17 +116,22 @@ def resolve(backend: str, device: torch.device) -> str:
     """Validate a `backend=` argument for `device`: an unknown name is a ValueError, a named backend
     that cannot run there a RuntimeError. Returns the name, "auto" turned into the first auto candidate
     available on the device (the one that runs the iternorm ops where it supports them)."""
-    if not isinstance(backend, str) or backend not in names():
-        raise ValueError(f"backend must be one of {names()}, got {backend!r}")
     if backend == "auto":
         for name, entry in REGISTRY.items():
             if device.type in entry.auto and unavailable_reason(name, device) is None:
                 return name
         return FALLBACK
+    _require(backend, device)
+    return backend
+
+
+def _require(backend: str, device: torch.device) -> None:
+    """A named backend must be registered (ValueError) and able to run on the device (RuntimeError)."""
+    if not isinstance(backend, str) or backend not in REGISTRY:
+        raise ValueError(f"backend must be one of {names()}, got {backend!r}")
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
-    return backend
 
 
 def select(backend: str, op: str, shape, dtype: torch.dtype, device: torch.device) -> str:
@@ -137,11 +142,7 @@ def select(backend: str, op: str, shape, dtype: torch.dtype, device: torch.devic
             if device.type in entry.auto and supports(name, op, shape, dtype, device) is None:
                 return name
         return FALLBACK
-    if backend not in REGISTRY:
-        raise ValueError(f"backend must be one of {names()}, got {backend!r}")
-    reason = unavailable_reason(backend, device)
-    if reason is not None:
-        raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
+    _require(backend, device)
     return backend if supports(backend, op, shape, dtype, device) is None else FALLBACK
 
 

@@ -54,11 +54,12 @@ def as_observations(x: Tensor, axis: int) -> Tensor:
     return x if axis == 1 else x.mT
 
 
-def guarded_power(t: Tensor, p: float) -> Tensor:
-    """t^p where t > 0, else 0: the trace's 1/tr, 1/sqrt(tr), tr^-p of a constant input (tr = 0) are 0,
-    so its output and gradient are 0 (docs/math.md §3)."""
-    pos = t > 0
-    return torch.where(pos, torch.where(pos, t, torch.ones_like(t)).pow(p), torch.zeros_like(t))
+def guarded_power(t: Tensor, p: float, keep: Tensor | None = None) -> Tensor:
+    """t^p where `keep` (default t > 0), else 0: the trace's 1/tr, 1/sqrt(tr), tr^-p of a constant input
+    (tr = 0) are 0, so its output and gradient are 0 (docs/math.md §3); the spectral transform passes
+    the eigenvalues it counts as nonzero."""
+    keep = t > 0 if keep is None else keep
+    return torch.where(keep, torch.where(keep, t, torch.ones_like(t)).pow(p), torch.zeros_like(t))
 
 
 def _gemm_(c: Tensor, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
@@ -77,6 +78,11 @@ def _eye_like(S: Tensor) -> Tensor:
 def last_iterate(S: Tensor, Ps: Tensor, iters: int) -> Tensor:
     """P_T (*, C, C): the last of Ps, or I when T = 0."""
     return Ps[..., iters - 1, :, :] if iters >= 1 else _eye_like(S)
+
+
+def whitening_matrix(P_T: Tensor, tr: Tensor) -> Tensor:
+    """W = P_T / sqrt(tr) (*, C, C), 0 where tr = 0."""
+    return P_T * guarded_power(tr, -0.5)[..., None, None]
 
 
 def output_variances(y: Tensor, axis: int) -> Tensor:
@@ -121,10 +127,9 @@ def newton_schulz_fwd(S: Tensor, iters: int) -> tuple[Tensor, Tensor]:
     return Ps, powers
 
 
-def apply_fwd(ac: Tensor, P_T: Tensor, tr: Tensor, axis: int) -> tuple[Tensor, Tensor]:
-    """(y, v): y = Ac W with W = P_T / sqrt(tr), laid out as the (*, m, d) input (compute dtype, written
-    as W^T Ac^T for axis=0, whose variables are its rows), and v its per-variable variances (*, C)."""
-    W = P_T * guarded_power(tr, -0.5)[..., None, None]
+def apply_fwd(ac: Tensor, W: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    """(y, v): y = Ac W laid out as the (*, m, d) input (compute dtype, written as W^T Ac^T for axis=0,
+    whose variables are its rows), and v its per-variable variances (*, C)."""
     if axis == 0:
         y = W.mT @ ac.mT
         return y, y.var(dim=-1, correction=1)
@@ -202,7 +207,7 @@ def iternorm_fwd(x: Tensor, iters: int, axis: int) -> IterNormSaved:
     mean, ac, sigma = centred_covariance(as_observations(x, axis))
     S, tr = trace_normalise(sigma)
     Ps, powers = newton_schulz_fwd(S, iters)
-    y, v = apply_fwd(ac, last_iterate(S, Ps, iters), tr, axis)
+    y, v = apply_fwd(ac, whitening_matrix(last_iterate(S, Ps, iters), tr), axis)
     return IterNormSaved(y.to(x.dtype).contiguous(), mean, S, tr, Ps, powers, v)
 
 
@@ -286,16 +291,11 @@ def _shifted(evals: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 def _g(lam: Tensor, valid: Tensor, power: float) -> Tensor:
-    if power == 0:
-        return torch.ones_like(lam)
-    return torch.where(valid, torch.where(valid, lam, torch.ones_like(lam)).pow(-power), torch.zeros_like(lam))
+    return torch.ones_like(lam) if power == 0 else guarded_power(lam, -power, valid)
 
 
 def _dg(lam: Tensor, valid: Tensor, power: float) -> Tensor:
-    if power == 0:
-        return torch.zeros_like(lam)
-    return -power * torch.where(valid, torch.where(valid, lam, torch.ones_like(lam)).pow(-power - 1.0),
-                                torch.zeros_like(lam))
+    return torch.zeros_like(lam) if power == 0 else -power * guarded_power(lam, -power - 1.0, valid)
 
 
 def _divided_differences(lam: Tensor, valid: Tensor, power: float) -> Tensor:

@@ -15,10 +15,10 @@ tr = trace(Sigma) and the trace-normalised S = Sigma / tr (eigenvalues in [0, 1]
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.intl.*)
 from ._checks import check_axis, check_finite, check_iters, check_matrix
 from .backends import resolve
 from .functional import iternorm
