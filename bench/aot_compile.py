@@ -42,18 +42,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH = 90  # compute capability compiled for (H200)
-FUNCTIONS = ("iternorm_fwd", "iternorm_bwd", "trace_loss_fwd", "trace_loss_bwd", "nmse_fwd", "nmse_bwd")
+FUNCTIONS = ("iternorm_fwd", "iternorm_bwd", "trace_loss_fwd", "trace_loss_bwd", "nmse_fwd", "nmse_bwd",
+             "intl_head_fwd", "intl_head_bwd")
 DTYPES = ("float32", "float16", "bfloat16")
 FP32_MATMUL = ("highest", "high")  # torch's fp32 matmul precision: some modes follow it
 ITERS = (1, 4)
 # (input shape, axis). C (variables) = m for axis=0, d for axis=1; N (observations) = the other.
-# They cover: C <= 256 and 256 < C <= 512 (the two row-block Newton-Schulz tilings), C > 512 (the
-# tiled path), batched (K, m, d) inputs and N > 2048 (a covariance split over N), all with sizes
-# that are multiples of 16, as in training and the benchmarks.
+# They cover: C <= 256 (the row-block Newton-Schulz steps), C > 256 with 64 x 64 tiles and C >= 1024
+# with 128 x 128 tiles (the tiled path), batched (K, m, d) inputs and N > 2048 (a covariance split over
+# N), all with sizes that are multiples of 16, as in training and the benchmarks.
 SCENARIOS = (
     ((256, 384), 0), ((256, 384), 1),
     ((2, 128, 640), 0), ((2, 128, 640), 1),
-    ((64, 2304), 0),
+    ((64, 2304), 0), ((48, 1152), 1),
 )
 # --unaligned adds sizes that are not multiples of 16: Triton then drops its 16-divisibility hints,
 # which doubles the configurations (and the compile time) and costs registers.
@@ -201,6 +202,18 @@ def exercise(rec: Recorder, bt, torch, shape, axis: int, dtype, iters: int) -> N
         rec.call(bt, "nmse_bwd", torch.randn(y.shape[0] - 1), y[1:], y[:1].expand_as(y[1:]))
     rec.call(bt, "nmse_fwd", y, gy)
     rec.call(bt, "nmse_bwd", torch.randn(batch), y, gy)
+    # the row-block kernels (nmse, intl_loss's head) size BLOCK_M by the SM count: also for the H200's 132
+    from intl_ops.kernels._common import assume_gpu
+
+    views = y if y.dim() == 3 else torch.stack([y, gy])  # the head's K >= 2 views
+    hv = torch.rand(views.shape[0], v.shape[-1])
+    for sms in (1, 132):
+        with assume_gpu(sms):
+            rec.call(bt, "nmse_fwd", y, gy)
+            rec.call(bt, "nmse_bwd", torch.randn(batch), y, gy)
+            for target in (None, views[0], views[0].float()):  # INTL, INTL-M, INTL-M with an fp32 target
+                rec.call(bt, "intl_head_fwd", views, hv, target, 0.05)
+                rec.call(bt, "intl_head_bwd", torch.ones(()), views, hv, target, 0.05)
 
 
 def _fake_saved(torch, x, iters: int, axis: int):
@@ -237,10 +250,14 @@ def enumerate_launches(functions, dtypes, modes, scenarios=SCENARIOS) -> tuple[R
 def unlaunched_kernels(rec: Recorder) -> list[str]:
     """JIT functions of the kernels package that no host code launched and no other JIT function calls:
     kernels that the scenarios miss (or dead code)."""
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    fns = {obj for name, mod in list(sys.modules.items()) if name.startswith("intl_ops.kernels.")
-           for obj in vars(mod).values() if isinstance(obj, JITFunction)}
+    def jit(obj):  # an @triton.autotune kernel wraps its JITFunction
+        return obj.fn if isinstance(obj, Autotuner) else obj
+
+    fns = {jit(obj) for name, mod in list(sys.modules.items()) if name.startswith("intl_ops.kernels.")
+           for obj in vars(mod).values() if isinstance(jit(obj), JITFunction)}
     launched = {job.fn for job in rec.jobs.values()}
     called = {f for f in fns for g in fns if g is not f and re.search(rf"\b{f.__name__}\s*\(", g.src)}
     return sorted(f"{f.module}.{f.__name__}" for f in fns - launched - called)

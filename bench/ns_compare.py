@@ -9,7 +9,7 @@ The project's goal: CUDA NS at least 1.5x faster than Triton NS. For each C, on 
                     given (as intl_ops/backend_triton.py calls it: P_1 comes from the covariance kernel)
             torch:  the reference backend's stages (intl_ops.reference.newton_schulz_fwd), from Sigma (the scope of ns_fwd)
   backward  cuda:   torch.ops.intl_cuda.ns_bwd(Wbar, S, tr, Ps, powers, T, N) -> M = (Sigmabar + Sigmabar^T)/(N-1)
-            triton: newton_schulz_bwd(G, S, Ps, powers) -> Sbar (kernels only; G = Wbar / sqrt(tr)), and
+            triton: newton_schulz_bwd(G, S, Ps, powers) -> (Sbar, <Sbar, S> partials) (kernels only; G = Wbar / sqrt(tr)), and
                     "triton+glue": the kernels inside intl_ops.reference.covariance_grad, as
                     intl_ops/backend_triton.py runs them (the same scope as ns_bwd)
             torch:  reference.newton_schulz_bwd and sigma_grad (the scope of ns_bwd)
@@ -68,7 +68,7 @@ def triton_chain(G, S, tr, Ps, powers, n_obs: int):
     """M from G as intl_ops/backend_triton.py computes it: the reference's chain around the kernels."""
     from intl_ops.kernels.newton_schulz import newton_schulz_bwd
 
-    return reference.covariance_grad(G, S, tr, Ps[:, -1], n_obs, lambda G: newton_schulz_bwd(G, S, Ps, powers))
+    return reference.covariance_grad(G, S, tr, Ps[:, -1], n_obs, lambda G: newton_schulz_bwd(G, S, Ps, powers)[0])
 
 
 def rel_err(out: torch.Tensor, oracle: torch.Tensor) -> float:
@@ -149,7 +149,7 @@ def compare(C: int, args, device: torch.device, time_it) -> list[dict]:
         add("fwd", "triton", t_fwd, lambda: rel_err(t_fwd()[:, -1], Ps64[:, -1]))
         Gt = G.clone()  # newton_schulz_bwd overwrites its G: timed calls reuse the buffer (values do not matter)
         add("bwd", "triton", lambda: newton_schulz_bwd(Gt, S, Ps, powers),
-            lambda: rel_err(newton_schulz_bwd(G.clone(), S, Ps, powers), Sbar64))
+            lambda: rel_err(newton_schulz_bwd(G.clone(), S, Ps, powers)[0], Sbar64))
         add("bwd", "triton+glue", lambda: triton_chain(Gt, S, tr, Ps, powers, N),
             lambda: rel_err(triton_chain(G.clone(), S, tr, Ps, powers, N), M64))
         if args.tf32:  # one tf32 MMA per product instead of the default tf32x3
@@ -158,7 +158,7 @@ def compare(C: int, args, device: torch.device, time_it) -> list[dict]:
             try:
                 add("fwd", "triton-tf32", t_fwd, lambda: rel_err(t_fwd()[:, -1], Ps64[:, -1]))
                 add("bwd", "triton-tf32", lambda: newton_schulz_bwd(Gt, S, Ps, powers),
-                    lambda: rel_err(newton_schulz_bwd(G.clone(), S, Ps, powers), Sbar64))
+                    lambda: rel_err(newton_schulz_bwd(G.clone(), S, Ps, powers)[0], Sbar64))
             finally:
                 _common.set_dot_precision(prec)
     else:

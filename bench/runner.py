@@ -6,6 +6,7 @@
     python -m bench --foundation     reference backend vs the literal code, CPU (bench/foundation_cpu.py)
     python -m bench --profile        launches and device time per provider instead of timings
     python -m bench --table F.jsonl  re-render the table and plot of saved rows
+    python -m bench --model          predicted H200 times of the headline cases (bench/model.py; no GPU needed)
 Every run writes into a new git-ignored folder bench/out/<date>_<device>_<grid>/ (--out DIR: there);
 --save also files the run into bench/results/ (tracked). See bench/README.md for how to read the table.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import foundation_cpu, report, roofline
+from . import foundation_cpu, model, report, roofline
 from . import providers as P
 from .measure import add_speedups, measure, mode_calls
 from .plotting import plot
@@ -191,6 +192,14 @@ def parse_args(argv=None):
     g.add_argument("--grid", choices=sorted(GRIDS), help="a grid by name (the flags above are shortcuts)")
     g.add_argument("--foundation", action="store_true",
                    help="the foundation CPU benchmark: reference backend vs literal code (bench/foundation_cpu.py)")
+    g.add_argument("--model", action="store_true",
+                   help="predicted H200 times of the headline cases from the launches the code makes, no GPU needed "
+                        "(bench/model.py; -v: per-launch breakdown; --ops/--dtypes/--providers/--modes filter)")
+    g.add_argument("--measure", action="store_true",
+                   help="with --model on a GPU: also measure the same cases and print measured next to predicted")
+    g.add_argument("--compare", metavar="F.jsonl",
+                   help="with --model: the model for the cases of measured GPU rows (a run's .jsonl, e.g. from "
+                        "bench/gpu_check.sh), printed next to them")
     g.add_argument("--ops", help=f"comma list of ops to keep, of {','.join(P.OPS)}")
     g.add_argument("--providers", help=f"comma list of providers to keep, of {','.join(P.all_providers())}")
     g.add_argument("--modes", default="forward,backward,full", help="comma list of forward,backward,full")
@@ -263,6 +272,10 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  (progress; the table goes to stdout)
     if args.table:
         return render_table(args, log)
+    if (args.measure or args.compare) and not args.model:
+        raise SystemExit("--measure and --compare go with --model")
+    if args.model:
+        return model.main(args, log)
     if args.foundation:
         return foundation_cpu.main(["--threads", str(args.threads or 1)] + (["--out", args.out] if args.out else [])
                                    + (["--save"] if args.save else []) + (["--no-files"] if args.no_files else []))

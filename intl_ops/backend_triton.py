@@ -14,13 +14,16 @@ Devices: CUDA tensors when a GPU and Triton are present; CPU tensors only under 
 interpreter (TRITON_INTERPRET=1 set before this module is imported), as CI runs it.
 
 Launches per call (the B views batched in every launch; T Newton steps; C the number of variables,
-small C <= intl_ops.kernels.newton_schulz.ROWS_MAX_C):
-  iternorm_fwd: 3 (covariance) + (T-1) small C / 3 (T-1) large C (Newton-Schulz) + 1 (apply) kernels,
-                plus 2 small torch reductions for v.
-  iternorm_bwd: 1 (Wbar) + 2 (T-1) small C / 4 (T-1) large C (Newton-Schulz) + 1 (dA) kernels, plus
-                ~10 small torch ops on (B, C, C) matrices for the trace / covariance chain rule.
+small C <= intl_ops.kernels.newton_schulz.ROWS_MAX_C), no torch compute op besides allocation
+(T = 0 adds one torch.eye for P_T = I):
+  iternorm_fwd: 3 (covariance) + (T-1) small C / 3 (T-1) large C (Newton-Schulz) + 2 (apply: Y, then v)
+                kernels: T + 4 at small C (8 at T = 4).
+  iternorm_bwd: 2 (G = dL/dP_T: split-N partials, then their reduce; 1 when N is not split) + the
+                Newton-Schulz backward (intl_ops.kernels.newton_schulz.newton_schulz_bwd: 2 (T-1) small C /
+                4 (T-1) large C, plus its finish) + 1 (dA, which also does the trace / covariance chain
+                rule from Sbar and the partial sums of <G, P_T> and <Sbar, S>).
 FLOPs (multiply-add = 2): forward ~C^2 N (triangle covariance) + 6 C^3 (T-1) small C or ~3 C^3 (T-1)
-large C + 2 N C^2 (apply); backward 2 N C^2 (Wbar) + 12 C^3 (T-1) + 4 N C^2 (dA).
+large C + 2 N C^2 (apply); backward 2 N C^2 (G) + 12 C^3 (T-1) + 4 N C^2 (dA).
 """
 from __future__ import annotations
 
@@ -115,13 +118,10 @@ def iternorm_bwd(grad_y: Tensor, grad_v: Tensor, y: Tensor, x: Tensor, mean: Ten
     P_T = reference.last_iterate(S3, Ps3, iters)
     gx = torch.empty(x3.shape, device=x.device, dtype=x.dtype)
     with _guard(x):
-        # the C x C chain from G = dL/dP_T to M = (Sigmabar + Sigmabar^T) / (N - 1): the reference's
-        # stages around the Newton-Schulz backward kernels
-        chain = lambda G: reference.covariance_grad(  # noqa: E731
-            G, S3, tr3, P_T, N, lambda G: newton_schulz_bwd(G, S3, Ps3, powers3))
+        # the kernels do the whole C x C chain rule (trace, covariance) around the Newton-Schulz backward
         apply_bwd(a, mean.reshape(B, C).contiguous(), P_T, tr3,
                   as_observations(_flat(grad_y), axis), as_observations(_flat(y), axis), grad_v.reshape(B, C),
-                  chain, as_observations(gx, axis))
+                  lambda G: newton_schulz_bwd(G, S3, Ps3, powers3), as_observations(gx, axis))
     return gx.reshape(x.shape)
 
 
@@ -147,3 +147,21 @@ def nmse_bwd(grad: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     with _guard(a):
         ga, gb = nmse_kernels.nmse_bwd(grad, _flat(a), _flat(b))
     return ga.reshape(a.shape), gb.reshape(b.shape)
+
+
+def intl_head_fwd(y: Tensor, v: Tensor, target: Tensor | None, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """intl_loss's head (docs/math.md §4.2) by intl_ops.kernels.loss_head: (loss, align, trace), 0-dim fp32;
+    2 launches (the pairs' row-block cos sums, then one program finishing them with the trace terms)."""
+    from intl_ops.kernels import loss_head
+
+    with _guard(y):
+        return loss_head.head_fwd(_flat(y), v.reshape(-1, v.shape[-1]), target, beta)
+
+
+def intl_head_bwd(grad: Tensor, y: Tensor, v: Tensor, target: Tensor | None, beta: float) -> tuple[Tensor, Tensor]:
+    """(dL/dy in y's dtype, dL/dv) of the head: 1 launch (view 0 sums the gradients of the pairs it is in)."""
+    from intl_ops.kernels import loss_head
+
+    with _guard(y):
+        dy, dv = loss_head.head_bwd(grad, _flat(y), v.reshape(-1, v.shape[-1]), target, beta)
+    return dy.reshape(y.shape), dv.reshape(v.shape)

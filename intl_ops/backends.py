@@ -7,7 +7,8 @@ in OPS), with the same signatures and the saved-tensor layout of docs/math.md §
                                                why it does not run `op` for such inputs (default: it
                                                runs every op function it defines)
 `shape` is the (*, N, C) shape of the observations-by-variables matrix A of docs/math.md §2 (an
-(m, d) input is (d, m) for axis=0 and (m, d) for axis=1); for nmse it is the (*, m, d) input.
+(m, d) input is (d, m) for axis=0 and (m, d) for axis=1); for nmse it is the (*, m, d) input, for the
+intl_head functions the (K, m, d) views (dtype: theirs; a target of another dtype is the backend's to read).
 
 Adding a backend is one module plus one line in REGISTRY (or `register()` from outside). Every
 call picks its implementation per op: the named backend where it supports the call, else the
@@ -39,7 +40,7 @@ REGISTRY: dict[str, Entry] = {
 }
 FALLBACK = "reference"
 OPS = ("iternorm_fwd", "iternorm_bwd", "trace_loss_fwd", "trace_loss_bwd", "nmse_fwd", "nmse_bwd",
-       "spectral_transform_fwd", "spectral_transform_bwd")
+       "spectral_transform_fwd", "spectral_transform_bwd", "intl_head_fwd", "intl_head_bwd")
 
 
 def register(name: str, module: str, *, auto: tuple[str, ...] = ()) -> None:

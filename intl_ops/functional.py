@@ -79,7 +79,8 @@ def intl_loss(views, iters: int = 4, axis: int = 0, beta: float | None = None, *
     separately. With target= (crop 0 through an EMA encoder, (m, d)): INTL-M,
     L = mean_i [nmse(t_i, t_k) + beta TL(t_i)] over the online views, the target whitened without
     gradient. beta=None: docs/math.md §4's 0.01 (log2(n_vars) - 3) with the global batch (axis=0) or d.
-    The trace loss is taken from the iternorm op's output variances: no extra pass over the outputs.
+    The trace loss is taken from the iternorm op's output variances: no extra pass over the outputs;
+    the alignment and trace terms are one op, torch.ops.intl.intl_head (docs/math.md §4.2).
     return_parts=True returns (loss, {"align": mean nmse, "trace": mean trace-loss term, "beta": beta})
     with the parts detached, for logging.
     """
@@ -109,17 +110,13 @@ def intl_loss(views, iters: int = 4, axis: int = 0, beta: float | None = None, *
     beta = default_beta(m if axis == 0 else d) if beta is None else float(beta)
 
     y, _, _, _, _, _, v = torch.ops.intl.iternorm_fwd(x, iters, axis, backend)
-    tl = ((v - 1.0) ** 2).sum(-1)  # (K,)
+    yk = None
     if target is not None:
         with torch.no_grad():
             check_finite(target, "target")
             yk = torch.ops.intl.iternorm_fwd(target.detach(), iters, axis, backend)[0]
-        align = torch.ops.intl.nmse(y, yk.expand_as(y), backend)
-        trace = tl
-    else:
-        align = torch.ops.intl.nmse(y[1:], y[:1].expand_as(y[1:]), backend)
-        trace = tl[1:] + tl[0]
-    loss = (align + beta * trace).mean()
+    # the alignment and trace terms in one op (docs/math.md §4.2): no torch glue between kernels
+    loss, align, trace = torch.ops.intl.intl_head(y, v, yk, beta, backend)
     if return_parts:
-        return loss, {"align": align.detach().mean(), "trace": trace.detach().mean(), "beta": beta}
+        return loss, {"align": align.detach(), "trace": trace.detach(), "beta": beta}
     return loss

@@ -7,6 +7,8 @@ backend, else the reference). The backward ops are first-order only (no double b
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -160,6 +162,71 @@ def _nmse_backward(ctx, grad):
 
 
 nmse.register_autograd(_nmse_backward, setup_context=_nmse_setup)
+
+
+# ---------------------------------------------------------------- INTL loss head
+def _check_head(y: Tensor, v: Tensor, target: Optional[Tensor]) -> None:
+    if y.dim() != 3:
+        raise ValueError(f"intl_head: y must be the (K, m, d) whitened views, got shape {tuple(y.shape)}")
+    if v.dim() != 2 or v.shape[0] != y.shape[0]:
+        raise ValueError(f"intl_head: v must be (K, C) with K = {y.shape[0]}, got shape {tuple(v.shape)}")
+    if target is None and y.shape[0] < 2:
+        raise ValueError(f"intl_head: without a target it needs K >= 2 views, got {y.shape[0]}")
+    if target is not None and target.shape != y.shape[1:]:
+        raise ValueError(f"intl_head: target must be (m, d) = {tuple(y.shape[1:])}, got {tuple(target.shape)}")
+
+
+@torch.library.custom_op("intl::intl_head", mutates_args=())
+def intl_head(y: Tensor, v: Tensor, target: Optional[Tensor], beta: float,
+              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, align, trace) of intl_loss from the whitened views y (K, m, d), their output variances v (K, C)
+    (iternorm_fwd's 7th output) and the optional whitened target (m, d), docs/math.md §4.2: 0-dim, fp32
+    (fp64 for fp64 y). align and trace are not differentiable; the target gets no gradient. The target
+    may have another dtype than y (the compute dtype is y's)."""
+    _check_head(y, v, target)
+    with _no_autocast(y):
+        return tuple(_impl(backend, "intl_head_fwd", y)(y, v, target, beta))
+
+
+@intl_head.register_fake
+def _(y, v, target, beta, backend):
+    ct = compute_dtype(y.dtype)
+    return y.new_empty((), dtype=ct), y.new_empty((), dtype=ct), y.new_empty((), dtype=ct)
+
+
+@torch.library.custom_op("intl::intl_head_bwd", mutates_args=())
+def intl_head_bwd(grad: Tensor, y: Tensor, v: Tensor, target: Optional[Tensor], beta: float,
+                  backend: str) -> tuple[Tensor, Tensor]:
+    """(dL/dy (K, m, d) in y's dtype, dL/dv (K, C) in v's dtype) for grad = dL/dloss (0-dim)."""
+    _check_head(y, v, target)
+    with _no_autocast(y):
+        dy, dv = _impl(backend, "intl_head_bwd", y)(grad, y, v, target, beta)
+    return dy.contiguous(), dv.contiguous()
+
+
+@intl_head_bwd.register_fake
+def _(grad, y, v, target, beta, backend):
+    return (torch.empty_like(y, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _head_setup(ctx, inputs, output):
+    y, v, target, beta, backend = inputs
+    ctx.save_for_backward(y, v, target)
+    ctx.cfg = (beta, backend)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for align and trace
+
+
+def _head_backward(ctx, gloss, galign, gtrace):
+    if gloss is None:
+        return None, None, None, None, None
+    y, v, target = ctx.saved_tensors
+    dy, dv = torch.ops.intl.intl_head_bwd(gloss, y, v, target, *ctx.cfg)
+    return dy, dv, None, None, None
+
+
+intl_head.register_autograd(_head_backward, setup_context=_head_setup)
 
 
 # ---------------------------------------------------------------- spectral transform

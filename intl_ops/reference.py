@@ -347,3 +347,49 @@ def spectral_transform_bwd(grad_y: Tensor, x: Tensor, mean: Tensor, tr: Tensor, 
     sigmabar = Sbar * inv_tr[..., None, None]
     sigmabar.diagonal(dim1=-2, dim2=-1).add_((trbar - sbar_dot_s * inv_tr)[..., None])
     return as_observations(covariance_bwd(acbar, ac, 2.0 / (ac.shape[-2] - 1) * sigmabar), axis).to(x.dtype).contiguous()
+
+
+# ------------------------------------------------------------------ the INTL loss head (docs/math.md §4.2)
+def head_view_weights(K: int, has_target: bool, dtype: torch.dtype, device) -> Tensor:
+    """w (K,): the weight of TL_i in the head's trace term. Without a target: 1 for view 0 (in every
+    pair) and 1/(K-1) for the others; with a target: 1/K for each view."""
+    if has_target:
+        return torch.full((K,), 1.0 / K, dtype=dtype, device=device)
+    w = torch.full((K,), 1.0 / (K - 1), dtype=dtype, device=device)
+    w[0] = 1.0
+    return w
+
+
+def _head_pairs(y: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(a, b) of the head's P pairs, in y's compute dtype: (y_i, y_0) for i >= 1, or (y_i, target) for every i."""
+    ct = compute_dtype(y.dtype)
+    if target is None:
+        return y[1:].to(ct), y[:1].to(ct).expand_as(y[1:])
+    return y.to(ct), target.to(ct).expand_as(y)
+
+
+def intl_head_fwd(y: Tensor, v: Tensor, target: Tensor | None, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, align, trace), 0-dim in y's compute dtype, of the whitened views y (K, m, d), their output
+    variances v (K, C) and the optional whitened target (m, d): align = mean over the pairs of nmse,
+    trace = sum_i w_i TL_i (head_view_weights), loss = align + beta * trace."""
+    ct = compute_dtype(y.dtype)
+    a, b = _head_pairs(y, target)
+    align = nmse_fwd(a, b).mean()
+    tl = ((v.to(ct) - 1.0) ** 2).sum(-1)
+    trace = (head_view_weights(y.shape[0], target is not None, ct, y.device) * tl).sum()
+    return align + beta * trace, align, trace
+
+
+def intl_head_bwd(grad: Tensor, y: Tensor, v: Tensor, target: Tensor | None, beta: float) -> tuple[Tensor, Tensor]:
+    """(dL/dy (K, m, d) in y's dtype, dL/dv (K, C) in v's dtype) for grad = dL/dloss (0-dim): each pair's
+    nmse gradient with weight grad / P; view 0 as the reference sums its pairs' gradients (in the
+    compute dtype, rounded once)."""
+    ct = compute_dtype(y.dtype)
+    a, b = _head_pairs(y, target)
+    P = a.shape[0]
+    g = grad.to(ct) / P
+    ga, gb = nmse_bwd(g.expand(P), a, b)
+    dy = ga if target is not None else torch.cat([gb.sum(0, keepdim=True), ga])
+    w = head_view_weights(y.shape[0], target is not None, ct, y.device)
+    dv = (2.0 * beta * grad.to(ct)) * w[:, None] * (v.to(ct) - 1.0)
+    return dy.to(y.dtype).contiguous(), dv.to(v.dtype)

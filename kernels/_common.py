@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Callable, NamedTuple
 
 import torch
 import triton
@@ -27,6 +28,18 @@ DOT_MODES = ("auto", "tf32x3", "tf32", "ieee")
 _dot_mode: str | None = None  # None: not chosen yet, INTL_OPS_DOT_PRECISION (default "auto") decides once
 # Tests and the ahead-of-time compile may ask the interpreter to use the GPU's block sizes.
 _force_gpu_blocks = False
+# The performance model (bench/model.py) sizes grids for a GPU it does not have: its SM count.
+_assumed_sms: int | None = None
+
+
+class Work(NamedTuple):
+    """What one kernel launch does, for the performance model: FLOPs (multiply-add = 2), bytes moved
+    to or from global memory, and the programs that do work when some of the grid's return at once
+    (the lower-triangle programs of a symmetric product; None: all of them). Each module's COSTS maps
+    a kernel's name to a function of its bound arguments and grid that returns this."""
+    flops: float
+    bytes: float
+    programs: int | None = None
 
 
 def interpreting() -> bool:
@@ -116,6 +129,86 @@ def nc_tile(N, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     return i_b, o_n, o_c, o_n < N, o_c < C
 
 
+# The cost model's L2 rule (COSTS of every kernels module, bench/model.py): an operand re-read within a
+# span of traffic up to about half the H200's L2 stays in it (the other half for the outputs streamed
+# out and the other operands).
+L2_RESIDENT_BYTES = 25 * 2**20
+
+# Autotuning (GPU only, `autotune`). Configs change only num_warps / num_stages and parameters such as
+# BLOCK_K, never a block size that sizes the grid: the launchers choose those. The interpreter's single
+# config sets nothing: its launchers pass the tuned parameters themselves (`tuned_kwargs`), so that
+# gpu_block_sizes() still gives the GPU's tiles there. Decided when the kernels are defined.
+TUNE_ON_GPU = not interpreting()
+INTERPRETER_CONFIG = triton.Config({}, num_warps=4)
+
+
+def gpu_configs(block_k: tuple[int, ...] = ()) -> list:
+    """The GPU's configs of an autotuned kernel: num_warps {4, 8} x num_stages {2, 3}, or for a K loop
+    (block_k given) BLOCK_K in block_k x num_warps {4, 8} at 3 stages plus BLOCK_K = 16 with 8 warps at
+    2 and 3 stages, the only K tile of exact fp32 "ieee" products (larger ones spill). prune_spills
+    keeps the ones that fit."""
+    if not block_k:
+        return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+    return ([triton.Config({"BLOCK_K": k}, num_warps=w, num_stages=3) for k in block_k for w in (4, 8)]
+            + [triton.Config({"BLOCK_K": 16}, num_warps=8, num_stages=s) for s in (2, 3)])
+
+
+def prune_spills(tile_elems: Callable[[dict], int], sizes: tuple[str, ...], wide_k_warps: int = 4,
+                 wide_k_unaligned: bool = True):
+    """early_config_prune for an autotuned kernel: drops the configs that spill registers on sm_90
+    (bench/aot_compile.py checks them): fewer warps than `_common.num_warps` asks for (exact fp32 "ieee"
+    products and sizes not multiples of 16 want 8), K tiles other than 16 for "ieee" and 16 for the
+    rest, K tiles of 64 with fewer than `wide_k_warps` warps for tf32x3 products (3 MMAs on split
+    operands) or, unless `wide_k_unaligned`, for sizes not multiples of 16 (fp32 operands), and K tiles
+    of 64 for C <= 32 (mostly masked). `tile_elems(kwargs)`: the program's output tile; `sizes`: the
+    int arguments whose 16-divisibility the launcher's aligned() checks."""
+    def fits(c, prec, need, wide, al, half):
+        if c.num_warps < need:
+            return False
+        k = c.kwargs.get("BLOCK_K")
+        if k is None:
+            return True
+        if (k == 16) != (prec == "ieee"):
+            return False
+        if k <= 32:
+            return True
+        return (wide and (prec != "tf32x3" or c.num_warps >= wide_k_warps)
+                and (al or half or wide_k_unaligned))
+
+    def prune(configs, nargs, **kwargs):
+        prec = kwargs["PREC"]
+        al = aligned(*(nargs[n] for n in sizes if nargs[n] != 1))
+        need = num_warps(tile_elems(kwargs), prec, al)
+        keep = [c for c in configs if fits(c, prec, need, nargs["C"] > 32, al, kwargs.get("HALF_DOT", False))]
+        return keep or configs[-1:]
+    return prune
+
+
+def tuned_kwargs(**interp_only) -> dict:
+    """What the launcher passes for the autotuned parameters: nothing on the GPU, its own choice under
+    the interpreter (whose single config sets none, so gpu_block_sizes() can still change BLOCK_K)."""
+    return {} if TUNE_ON_GPU else interp_only
+
+
+def reread_bytes(nbytes: float, reads: int, span: float) -> float:
+    """Global-memory bytes of an operand of `nbytes` read `reads` times by the grid, whose reads of one
+    tile are `span` bytes of traffic apart: once if that span stays in L2 (L2_RESIDENT_BYTES)."""
+    return nbytes if reads <= 1 or span <= L2_RESIDENT_BYTES else nbytes * reads
+
+
+def autotune(configs: list, key: list[str], prune=None, restore_value=None):
+    """@triton.autotune on the GPU: per value of `key` (argument names; tensor dtypes join the key
+    automatically) the configs that `prune(configs, named_args, **kwargs)` keeps (those that compile
+    without register spills there: bench/aot_compile.py checks every one) are timed once and the fastest
+    is kept. Timing runs the kernel several times: an autotuned kernel must be idempotent, or name its
+    in-place outputs in `restore_value`. Under the interpreter: INTERPRETER_CONFIG alone, never timed
+    (several configs fail without a GPU driver)."""
+    if not TUNE_ON_GPU:
+        return triton.autotune([INTERPRETER_CONFIG], key=key)
+    return triton.autotune(configs, key=key, restore_value=restore_value,
+                           prune_configs_by={"early_config_prune": prune} if prune else None)
+
+
 @contextlib.contextmanager
 def gpu_block_sizes():
     """Use the GPU's block sizes under the interpreter too (tests of the multi-tile paths)."""
@@ -125,6 +218,28 @@ def gpu_block_sizes():
         yield
     finally:
         _force_gpu_blocks = old
+
+
+@contextlib.contextmanager
+def assume_gpu(sms: int):
+    """Size grids for a GPU with `sms` streaming multiprocessors whatever the device (bench/model.py
+    records the launches a GPU would get while running on CPU tensors)."""
+    global _assumed_sms
+    old, _assumed_sms = _assumed_sms, int(sms)
+    try:
+        yield
+    finally:
+        _assumed_sms = old
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors the grids are sized for: the assumed GPU's (assume_gpu), the CUDA
+    device's, else 1 (the interpreter runs programs one by one: more of them only costs time)."""
+    if _assumed_sms is not None:
+        return _assumed_sms
+    if small_blocks() or device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def small_blocks() -> bool:

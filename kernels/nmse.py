@@ -7,6 +7,9 @@ samples. `_nmse_fwd_kernel`, grid (m/BM, B): one pass over d accumulating <a_i, 
 L1/L2) writing ga = s (ub - cos ua) / |a|, gb = s (ua - cos ub) / |b| with s = -2 grad / m. Norms are
 clamped at 1e-12 as torch.nn.functional.normalize does; a clamped norm is a constant (no cos term).
 Bytes: fwd reads a and b once; bwd reads them twice (the second time from cache) and writes ga, gb.
+Grid: BM (`rows_per_program`) is the largest power of two up to 4 that still gives B m / BM >= 2 x the
+GPU's SMs (1 row per program when even that is fewer): these kernels are memory-bound, and with 4 rows
+per program 2 views of 256 rows filled 64 of the H200's 132 SMs. (intl_loss uses kernels/loss_head.py.)
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block
+from ._common import Work, block, small_blocks, sm_count
 
 NORM_EPS = 1e-12
 
@@ -86,14 +89,27 @@ def _nmse_bwd_kernel(
         tl.store(p_gb + o_md, b_gb.to(gb_ptr.dtype.element_ty), mask=m_md)
 
 
-def _blocks(m: int, d: int):
-    return block(m, gpu=4, interp=64, lo=1), block(d, gpu=1024, interp=1024)
+def rows_per_program(m: int, batch: int, device: torch.device, gpu_max: int = 4, interp: int = 64) -> int:
+    """BLOCK_M of a row-block kernel over `batch` x m rows: under the interpreter few large programs
+    (up to `interp` rows); on the GPU the largest power of two <= gpu_max with batch * cdiv(m, BLOCK_M)
+    >= 2 x SMs (enough programs to fill the GPU), else 1."""
+    if small_blocks():
+        return block(m, gpu=gpu_max, interp=interp, lo=1)
+    want = 2 * sm_count(device)
+    bm = max(1, min(gpu_max, triton.next_power_of_2(m)))
+    while bm > 1 and batch * triton.cdiv(m, bm) < want:
+        bm //= 2
+    return bm
+
+
+def _blocks(B: int, m: int, d: int, device: torch.device):
+    return rows_per_program(m, B, device), block(d, gpu=1024, interp=1024)
 
 
 def nmse_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a, b (B, m, d) -> 2 - 2 mean_i cos(a_i, b_i), shape (B,) fp32."""
     B, m, d = a.shape
-    bm, bd = _blocks(m, d)
+    bm, bd = _blocks(B, m, d, a.device)
     cos = torch.empty(B, m, device=a.device, dtype=torch.float32)
     _nmse_fwd_kernel[(triton.cdiv(m, bm), B)](a, b, cos, m, d, *a.stride(), *b.stride(), NORM_EPS,
                                               BLOCK_M=bm, BLOCK_D=bd)
@@ -103,10 +119,41 @@ def nmse_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def nmse_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
     """(d/da, d/db) of grad . nmse(a, b), contiguous, in a's and b's dtypes."""
     B, m, d = a.shape
-    bm, bd = _blocks(m, d)
+    bm, bd = _blocks(B, m, d, a.device)
     ga = torch.empty(B, m, d, device=a.device, dtype=a.dtype)
     gb = torch.empty(B, m, d, device=b.device, dtype=b.dtype)
     g = grad.to(torch.float32).reshape(B).contiguous()
     _nmse_bwd_kernel[(triton.cdiv(m, bm), B)](g, a, b, ga, gb, m, d, *a.stride(), *b.stride(), NORM_EPS,
                                               BLOCK_M=bm, BLOCK_D=bd)
     return ga, gb
+
+
+# ------------------------------------------------------------------ performance model (bench/model.py)
+# What each launch does, from its bound arguments (by parameter name) and grid. Bytes are HBM traffic.
+# Assumption: a broadcast operand (batch stride 0, e.g. view 0 against every other view) is read from
+# HBM once and re-read from L2 by the other batch entries while it fits in half the H200's 60 MB L2;
+# the backward's second sweep over a program's rows hits L2 (it read them just before).
+_L2_REREAD_MAX_BYTES = 30e6
+
+
+def _read_bytes(t) -> float:
+    """HBM bytes of reading the (B, m, d) operand t once per batch entry."""
+    one = t.numel() // max(t.shape[0], 1) * t.element_size()
+    if t.stride(0) == 0 and one <= _L2_REREAD_MAX_BYTES:
+        return one
+    return t.shape[0] * one
+
+
+def _nmse_fwd_work(args: dict, grid: tuple[int, int, int]) -> Work:
+    a, b = args["a_ptr"], args["b_ptr"]
+    return Work(flops=6.0 * a.numel(),  # three multiply-adds per element: <a, b>, |a|^2, |b|^2
+                bytes=_read_bytes(a) + _read_bytes(b) + args["cos_ptr"].numel() * 4)
+
+
+def _nmse_bwd_work(args: dict, grid: tuple[int, int, int]) -> Work:
+    a, b, ga, gb = args["a_ptr"], args["b_ptr"], args["ga_ptr"], args["gb_ptr"]
+    return Work(flops=10.0 * a.numel(),  # the forward's 6, then 2 per element for each of ga, gb
+                bytes=_read_bytes(a) + _read_bytes(b) + ga.numel() * ga.element_size() + gb.numel() * gb.element_size())
+
+
+COSTS = {"_nmse_fwd_kernel": _nmse_fwd_work, "_nmse_bwd_kernel": _nmse_bwd_work}

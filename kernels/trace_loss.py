@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import aligned, block, nc_tile, num_warps, strides
+from ._common import Work, aligned, block, nc_tile, num_warps, strides
 
 
 @triton.jit
@@ -85,3 +85,22 @@ def trace_loss_bwd(grad: torch.Tensor, y_obs: torch.Tensor, gy_obs: torch.Tensor
     bn, bc = block(N, gpu=64, interp=256), block(C, gpu=64, interp=256)
     _trace_loss_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), B)](
         g, y_obs, v, mean, gy_obs, N, C, *y_obs.stride(), *gy_obs.stride(), BLOCK_N=bn, BLOCK_C=bc)
+
+
+# ------------------------------------------------------------------ performance model (bench/model.py)
+# What each launch does, from its bound arguments (by parameter name) and grid. Bytes are HBM traffic:
+# y is read once in all (each program reads its own column block or tile of it); the (B, C) statistics
+# are small and counted once.
+def _colvar_work(args: dict, grid: tuple[int, int, int]) -> Work:
+    y = args["y_ptr"]  # (B, N, C) observation view
+    return Work(flops=4.0 * y.numel(),  # shift, add, square, add per element
+                bytes=y.numel() * y.element_size() + 2 * args["v_ptr"].numel() * 4)
+
+
+def _trace_loss_bwd_work(args: dict, grid: tuple[int, int, int]) -> Work:
+    y, gy = args["y_ptr"], args["gy_ptr"]
+    return Work(flops=2.0 * y.numel(),  # subtract the mean, scale
+                bytes=y.numel() * y.element_size() + gy.numel() * gy.element_size() + 2 * args["v_ptr"].numel() * 4)
+
+
+COSTS = {"_colvar_kernel": _colvar_work, "_trace_loss_bwd_kernel": _trace_loss_bwd_work}
