@@ -48,13 +48,15 @@ DTYPES = ("float32", "float16", "bfloat16")
 FP32_MATMUL = ("highest", "high")  # torch's fp32 matmul precision: some modes follow it
 ITERS = (1, 4)
 # (input shape, axis). C (variables) = m for axis=0, d for axis=1; N (observations) = the other.
-# They cover: C <= 256 (the row-block Newton-Schulz steps), C > 256 with 64 x 64 tiles and C >= 1024
-# with 128 x 128 tiles (the tiled path), batched (K, m, d) inputs and N > 2048 (a covariance split over
-# N), all with sizes that are multiples of 16, as in training and the benchmarks.
+# They cover: C <= 256 and 256 < C <= 320 (the row-block Newton-Schulz steps, 16- and 32-row blocks),
+# C > 320 with 64 x 64 tiles and C >= 1024 with 128 x 128 tiles (the tiled path), batched (K, m, d)
+# inputs and N > 2048 (a covariance split over N), all with sizes that are multiples of 16, as in
+# training and the benchmarks. (On CPU tensors sm_count is 1: the row-block kernels run with one
+# column group here; the groups change runtime arguments only, not the compiled kernels.)
 SCENARIOS = (
     ((256, 384), 0), ((256, 384), 1),
     ((2, 128, 640), 0), ((2, 128, 640), 1),
-    ((64, 2304), 0), ((48, 1152), 1),
+    ((64, 2304), 0), ((48, 1152), 1), ((48, 288), 1),
 )
 # --unaligned adds sizes that are not multiples of 16: Triton then drops its 16-divisibility hints,
 # which doubles the configurations (and the compile time) and costs registers.

@@ -85,9 +85,9 @@ fi
 if (( DRY )); then
   DESC=([00_env]="versions, python, torch, triton, nvcc (no GPU)"
         [01_build]="CUDA extension: nvcc compile or load the cache (build/)"
-        [02_test_triton]="tests/test_triton.py, one case per test, TRITON_INTERPRET=1"
+        [02_test_triton]="tests/test_triton.py, test_ns_kernels.py, test_loss_head.py: one case per test, TRITON_INTERPRET=1"
         [03_test_cuda]="tests/test_cuda.py, one case per test (CPU tier)"
-        [04_bench_headline]="python -m bench --grid tiny (CPU)"
+        [04_bench_headline]="python -m bench --grid tiny (CPU), then the model (python -m bench --model)"
         [05_ns_compare]="Newton-Schulz C=32 under the interpreter (cuda: n/a)"
         [06_train_step]="train/bench_step.py, tiny CNN on CPU"
         [07_profile]="python -m bench --grid tiny --profile (CPU)"
@@ -95,9 +95,9 @@ if (( DRY )); then
 else
   DESC=([00_env]="nvidia-smi, versions, GPU properties"
         [01_build]="CUDA extension: intl_ops.backend_cuda.build()"
-        [02_test_triton]="tests/test_triton.py, every test, on CUDA"
+        [02_test_triton]="tests/test_triton.py, test_ns_kernels.py, test_loss_head.py: every test, on CUDA"
         [03_test_cuda]="tests/test_cuda.py, every test, on CUDA"
-        [04_bench_headline]="python -m bench --grid headline (eager and every registered backend)"
+        [04_bench_headline]="python -m bench --grid headline (eager and every registered backend), then the model next to its full rows (--model --compare)"
         [05_ns_compare]="Newton-Schulz C=64/128/256: CUDA vs Triton vs torch, fwd+bwd"
         [06_train_step]="train/bench_step.py: ResNet-50 step, losses triton/cuda/literal"
         [07_profile]="python -m bench --grid headline --profile, bf16, Chrome traces"
@@ -162,10 +162,11 @@ key_lines() {  # the lines of step $1's log worth reading without the archive
       [ -f "$WORK/junit/$name.xml" ] && echo "junit: junit/$name.xml$([ "${n:-0}" != 0 ] && echo " (tests after the time budget were skipped)")" \
         || echo "junit: none written" ;;
     04_bench_headline)
-      if grep -qE '^\| case' "$log"; then
-        grep -E '^\| (case|---)' "$log" | head -n 2
-        grep -E '^\| .* \| full \| ' "$log"
-        grep -E '^- ' "$log"
+      if grep -qE '^\| case' "$log"; then  # the measured table (up to the model's output), then the model's
+        sed '/^# bench model/,$d' "$log" | grep -E '^\| (case|---)' | head -n 2
+        sed '/^# bench model/,$d' "$log" | grep -E '^\| .* \| full \| '
+        sed '/^# bench model/,$d' "$log" | grep -E '^- '
+        sed -n '/^## model vs measured/,$p' "$log" | grep -E '^(##|\|)'
       else  # stopped before its table: the rows measured so far, from the progress lines
         grep -E '^  .* (ms|error.*)$' "$log"
         echo "(no table: stopped early; the rows measured are in results/bench_headline/*.jsonl)"
@@ -436,20 +437,21 @@ else
   skip_step 01_build "no csrc/ or intl_ops/backend_cuda.py"
 fi
 
-# ------------------------------------------------------------------ 3. GPU tests, one step per file
-# Every test of the file on CUDA (the dry run: the first case of each test under the interpreter).
+# ------------------------------------------------------------------ 3. GPU tests, one step per backend
+# Every test of the files on CUDA (the dry run: the first case of each test under the interpreter).
 # bench/pytest_gpu_check.py skips the tests that would start after the step's limit minus a margin,
 # so pytest ends by itself with its junit XML; the SIGINT of the limit is the fallback.
 PYTEST_ENV=()
 (( DRY )) && PYTEST_ENV=(GPU_CHECK_ONE_PER_TEST=1)
-for t in 02_test_triton:tests/test_triton.py 03_test_cuda:tests/test_cuda.py; do
-  name=${t%%:*}; file=${t#*:}
+for t in 02_test_triton:tests/test_triton.py,tests/test_ns_kernels.py,tests/test_loss_head.py \
+         03_test_cuda:tests/test_cuda.py; do
+  name=${t%%:*}; files=${t#*:}
   lim=$(limit_for "$name")
   tb=$(( lim - 15 ))  # pytest's own budget: the limit minus a margin for its start and the last test
   (( DRY && tb > NOMINAL[$name] - 15 )) && tb=$(( NOMINAL[$name] - 15 ))  # the dry run stays short
   (( tb < 1 )) && tb=1
   run_step "$name" "$lim" env "${PYTEST_ENV[@]}" GPU_CHECK_TEST_BUDGET=$tb \
-    "$PY" -m pytest -q -rfE -p no:cacheprovider -p bench.pytest_gpu_check --junitxml="$WORK/junit/$name.xml" "$file"
+    "$PY" -m pytest -q -rfE -p no:cacheprovider -p bench.pytest_gpu_check --junitxml="$WORK/junit/$name.xml" ${files//,/ }
 done
 
 # ------------------------------------------------------------------ 4. headline benchmark rows
@@ -461,12 +463,17 @@ BACKENDS="$(sed -n 's/^registered //p' "$WORK/logs/00_env.log" 2>/dev/null | tai
 BENCH_PROVIDERS="eager${BACKENDS:+,$BACKENDS}"
 say "bench providers: $BENCH_PROVIDERS (eager and intl_ops.backends.registered())"
 lim=$(limit_for 04_bench_headline)
+# Then the performance model (bench/model.py, CPU only, ~10 s) next to the measured full rows: the first
+# check of its predictions. The dry run has no GPU rows to compare: it prints the model alone.
 if (( DRY )); then
-  run_step 04_bench_headline "$lim" "$PY" -m bench --grid tiny --providers "$BENCH_PROVIDERS" \
-    --out "$WORK/results/bench_headline" --time-budget $(( lim - 15 ))
+  run_step 04_bench_headline "$lim" bash -c '"$0" -m bench --grid tiny --providers "$1" --out "$2" --time-budget "$3"
+    rc=$?; env -u TRITON_INTERPRET "$0" -m bench --model --no-files --modes full --ops iternorm || rc=$?; exit $rc' \
+    "$PY" "$BENCH_PROVIDERS" "$WORK/results/bench_headline" $(( lim - 20 ))
 else
-  run_step 04_bench_headline "$lim" "$PY" -m bench --grid headline --providers "$BENCH_PROVIDERS" \
-    --out "$WORK/results/bench_headline" --time-budget $(( lim - 25 )) --rep-ms 50 --warmup-ms 10
+  run_step 04_bench_headline "$lim" bash -c '"$0" -m bench --grid headline --providers "$1" --out "$2" \
+    --time-budget "$3" --rep-ms 50 --warmup-ms 10; rc=$?; f=$(ls "$2"/*.jsonl 2>/dev/null | head -n 1)
+    [ -z "$f" ] || env -u TRITON_INTERPRET "$0" -m bench --model --no-files --modes full --compare "$f" || rc=$?; exit $rc' \
+    "$PY" "$BENCH_PROVIDERS" "$WORK/results/bench_headline" $(( lim - 35 ))
 fi
 
 # ------------------------------------------------------------------ 5. Newton-Schulz, CUDA vs Triton

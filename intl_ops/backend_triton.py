@@ -16,14 +16,18 @@ interpreter (TRITON_INTERPRET=1 set before this module is imported), as CI runs 
 Launches per call (the B views batched in every launch; T Newton steps; C the number of variables,
 small C <= intl_ops.kernels.newton_schulz.ROWS_MAX_C), no torch compute op besides allocation
 (T = 0 adds one torch.eye for P_T = I):
-  iternorm_fwd: 3 (covariance) + (T-1) small C / 3 (T-1) large C (Newton-Schulz) + 2 (apply: Y, then v)
-                kernels: T + 4 at small C (8 at T = 4).
+  iternorm_fwd: 2 (covariance: split-N partials, then their reduce with the trace, S and P_1) +
+                (T-1) small C / 3 (T-1) large C (Newton-Schulz) + 2 (apply: Y, then v): T + 3 at small
+                C (7 at T = 4).
   iternorm_bwd: 2 (G = dL/dP_T: split-N partials, then their reduce; 1 when N is not split) + the
                 Newton-Schulz backward (intl_ops.kernels.newton_schulz.newton_schulz_bwd: 2 (T-1) small C /
-                4 (T-1) large C, plus its finish) + 1 (dA, which also does the trace / covariance chain
-                rule from Sbar and the partial sums of <G, P_T> and <Sbar, S>).
-FLOPs (multiply-add = 2): forward ~C^2 N (triangle covariance) + 6 C^3 (T-1) small C or ~3 C^3 (T-1)
-large C + 2 N C^2 (apply); backward 2 N C^2 (G) + 12 C^3 (T-1) + 4 N C^2 (dA).
+                4 (T-1) + 1 large C) + 1 (dA, which also does the trace / covariance chain rule from
+                Sbar and the partial sums of <G, P_T> and <Sbar, S>): 2 T + 2 at small C (10 at T = 4).
+  intl_head_fwd / _bwd (intl_loss's alignment and trace terms, intl_ops/kernels/loss_head.py): 2 / 1.
+FLOPs (multiply-add = 2): forward ~C^2 N (triangle covariance) + ~7 C^3 (T-1) small C (the row blocks'
+full rows, more with column groups) or ~3 C^3 (T-1) large C + 2 N C^2 (apply); backward 2 N C^2 (G) +
+12-18 C^3 (T-1) + 4 N C^2 (dA). `python -m bench --model -v` lists every launch with its FLOPs, bytes
+and predicted H200 time (bench/model.py, from each kernels module's COSTS).
 """
 from __future__ import annotations
 

@@ -49,6 +49,9 @@ plain float64 torch, differentiated by autograd), for inputs with any leading ba
 """
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import torch
 from torch import Tensor
 
@@ -190,3 +193,15 @@ def nmse_oracle(a: Tensor, b: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, Ten
     val = torch.stack([literal.nmse(u, w) for u, w in zip(fa, fb)]).reshape(a64.shape[:-2])
     da, db = torch.autograd.grad((grad.double() * val).sum(), (a64, b64))
     return val.detach(), da, db
+
+
+@contextlib.contextmanager
+def runs_backend(module, *fns: str):
+    """Asserts that each of the backend module's functions `fns` ran inside the block: a backend that
+    declined the call (and left it to the reference) cannot pass a check by comparing the reference
+    with itself."""
+    with contextlib.ExitStack() as stack:
+        spies = {f: stack.enter_context(mock.patch.object(module, f, wraps=getattr(module, f))) for f in fns}
+        yield
+    for f, spy in spies.items():
+        assert spy.call_count > 0, f"{module.__name__}.{f} never ran: the reference ran instead"

@@ -57,17 +57,32 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
 
 
-CASES = [(2, 45, 4, "rows", False), (2, 45, 4, "tiles", False), (1, 70, 1, "rows", False),
-         (1, 70, 1, "tiles", False), (2, 33, 2, "rows", True), (2, 150, 3, "tiles", True),
-         (1, 150, 3, "rows", True), (3, 20, 0, "rows", False)]
+# (B, C, T, path, blocks): "interp" the interpreter's few large blocks, "gpu" the GPU's block sizes,
+# "groups" the GPU's block sizes on an assumed H200, whose idle SMs split the row blocks by columns
+# (column groups of at least 32 here: C = 150 gets 4 groups of 48 columns, the last one ragged).
+CASES = [(2, 45, 4, "rows", "interp"), (2, 45, 4, "tiles", "interp"), (1, 70, 1, "rows", "interp"),
+         (1, 70, 1, "tiles", "interp"), (2, 33, 2, "rows", "gpu"), (2, 150, 3, "tiles", "gpu"),
+         (1, 150, 3, "rows", "gpu"), (3, 20, 0, "rows", "interp"), (1, 150, 3, "rows", "groups"),
+         (2, 70, 2, "rows", "groups")]
 
 
-@pytest.mark.parametrize("B,C,T,path,gpu_blocks", CASES,
-                         ids=[f"B{b}-C{c}-T{t}-{p}{'-gpublocks' if g else ''}" for b, c, t, p, g in CASES])
-def test_newton_schulz_matches_fp64(B, C, T, path, gpu_blocks, monkeypatch, poisoned):
+@contextlib.contextmanager
+def _blocks(kind: str, monkeypatch):
+    if kind == "interp":
+        yield
+        return
+    monkeypatch.setattr(ns, "MIN_GROUP_COLS", 32)
+    with _common.gpu_block_sizes(), _common.assume_gpu(132) if kind == "groups" else contextlib.nullcontext():
+        yield
+
+
+@pytest.mark.parametrize("B,C,T,path,blocks", CASES, ids=[f"B{b}-C{c}-T{t}-{p}-{k}" for b, c, t, p, k in CASES])
+def test_newton_schulz_matches_fp64(B, C, T, path, blocks, monkeypatch, poisoned):
     monkeypatch.setattr(ns, "ROWS_MAX_C", 10**9 if path == "rows" else 0)
     S, Ps, powers, G, Sbar64, ss64 = _problem(B, C, T)
-    with _common.gpu_block_sizes() if gpu_blocks else contextlib.nullcontext():
+    with _blocks(blocks, monkeypatch):
+        if blocks == "groups":
+            assert ns._col_groups(C, B, ns._row_block(C), torch.device(DEV))[0] > 1
         Ps32, pw32, Sbar, ss = _run_kernels(S, Ps, G, T)
     assert ss.dtype == torch.float32 and ss.dim() == 2 and ss.shape[0] == B
     if T == 0:
@@ -116,6 +131,6 @@ def test_autotune_is_one_config_under_the_interpreter():
     for prec in _common.DOT_MODES[1:]:
         for bm in (16, 32):
             for C in (256, 250):
-                assert ns._prune_rows(list(ns._ROWS_CONFIGS.values()), {"C": C}, BLOCK_M=bm, PREC=prec)
+                assert ns._prune_rows(list(ns._ROWS_CONFIGS.values()), {"C": C, "CW": 64}, BLOCK_M=bm, PREC=prec)
         for block in (64, 128):
             assert ns._prune_mm(list(ns._MM_CONFIGS.values()), {"C": 1000}, BLOCK=block, PREC=prec)
