@@ -53,6 +53,7 @@ _ROWS_CONFIGS = {
     "64x32w8": triton.Config({"BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     "128x32w8": triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     "64x16w4": triton.Config({"BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=3),
+    "64x16w8": triton.Config({"BLOCK_N": 64, "BLOCK_K": 16}, num_warps=8, num_stages=3),
 }
 
 
@@ -70,6 +71,8 @@ def _prune_rows_spills(named_args, **kwargs):
         return [c["64x32w8"]]
     if kwargs["BLOCK_M"] == 16:
         return [c["64x32w4"], c["64x32w8"], c["128x32w8"]]
+    if kwargs["PREC"] == "tf32x3":  # 32 rows x a K step of 32 spilled (the split operands of three MMAs)
+        return [c["64x16w8"], c["128x32w8"]]
     return [c["64x32w8"], c["128x32w8"]]
 
 

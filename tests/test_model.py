@@ -141,6 +141,12 @@ def probe() -> None:
                 out["launch_counts"][f"{name} {mode} axis={axis}"] = len(kernels)
                 out["kernels"] |= {launch.name for launch in launches if launch.kind == "triton"}
 
+    # the standalone nmse op (intl_loss uses the fused head): its kernels need costs too
+    a, b = torch.randn(2, 64, 96), torch.randn(2, 64, 96)
+    for call in (lambda: torch.ops.intl.nmse(a, b, "triton"), lambda: torch.ops.intl.nmse_bwd(torch.ones(2), a, b, "triton")):
+        out["kernels"] |= {launch.name for launch in model.record(call) if launch.kind == "triton"}
+    out["nmse_kernels"] = sorted(k for k in out["kernels"] if "nmse" in k)
+
     from intl_ops.kernels import newton_schulz
     out["ns_crossover"] = model.ns_crossover()[0]
     out["rows_max_c"] = newton_schulz.ROWS_MAX_C
@@ -167,6 +173,7 @@ def probed() -> dict:
 
 
 def test_every_triton_kernel_launched_has_a_cost(probed):
+    assert probed["nmse_kernels"] == ["_nmse_bwd_kernel", "_nmse_fwd_kernel"]  # the recorder saw them
     assert probed["missing_costs"] == []
 
 
