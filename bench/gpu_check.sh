@@ -464,16 +464,13 @@ BENCH_PROVIDERS="eager${BACKENDS:+,$BACKENDS}"
 say "bench providers: $BENCH_PROVIDERS (eager and intl_ops.backends.registered())"
 lim=$(limit_for 04_bench_headline)
 # Then the performance model (bench/model.py, CPU only, ~10 s) next to the measured full rows: the first
-# check of its predictions. The dry run has no GPU rows to compare: it prints the model alone.
+# check of its predictions (bench/bench_then_model.sh). The dry run's CPU rows: the model alone.
 if (( DRY )); then
-  run_step 04_bench_headline "$lim" bash -c '"$0" -m bench --grid tiny --providers "$1" --out "$2" --time-budget "$3"
-    rc=$?; env -u TRITON_INTERPRET "$0" -m bench --model --no-files --modes full --ops iternorm || rc=$?; exit $rc' \
-    "$PY" "$BENCH_PROVIDERS" "$WORK/results/bench_headline" $(( lim - 20 ))
+  run_step 04_bench_headline "$lim" bash bench/bench_then_model.sh "$PY" "$WORK/results/bench_headline" alone \
+    --grid tiny --providers "$BENCH_PROVIDERS" --time-budget $(( lim - 20 ))
 else
-  run_step 04_bench_headline "$lim" bash -c '"$0" -m bench --grid headline --providers "$1" --out "$2" \
-    --time-budget "$3" --rep-ms 50 --warmup-ms 10; rc=$?; f=$(ls "$2"/*.jsonl 2>/dev/null | head -n 1)
-    [ -z "$f" ] || env -u TRITON_INTERPRET "$0" -m bench --model --no-files --modes full --compare "$f" || rc=$?; exit $rc' \
-    "$PY" "$BENCH_PROVIDERS" "$WORK/results/bench_headline" $(( lim - 35 ))
+  run_step 04_bench_headline "$lim" bash bench/bench_then_model.sh "$PY" "$WORK/results/bench_headline" compare \
+    --grid headline --providers "$BENCH_PROVIDERS" --time-budget $(( lim - 35 )) --rep-ms 50 --warmup-ms 10
 fi
 
 # ------------------------------------------------------------------ 5. Newton-Schulz, CUDA vs Triton
