@@ -209,6 +209,15 @@ def autotune(configs: list, key: list[str], prune=None, restore_value=None):
                            prune_configs_by={"early_config_prune": prune} if prune else None)
 
 
+@triton.jit
+def cc_tile(i_i, i_j, C, BLOCK_C: tl.constexpr):
+    """The (i_i, i_j) tile of BLOCK_C x BLOCK_C of a C x C matrix: (o_i, o_j, m_i, m_j), its row and column
+    offsets and their masks."""
+    o_i = i_i * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_j = i_j * BLOCK_C + tl.arange(0, BLOCK_C)
+    return o_i, o_j, o_i < C, o_j < C
+
+
 @contextlib.contextmanager
 def gpu_block_sizes():
     """Use the GPU's block sizes under the interpreter too (tests of the multi-tile paths)."""

@@ -48,8 +48,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (Work, aligned, autotune, block, dot_acc, dot_precision, gpu_configs, guarded_inverse,
-                      guarded_rsqrt, half_dot, nc_tile, num_warps, prune_spills, reread_bytes, strides, tuned_kwargs)
+from ._common import (Work, aligned, autotune, block, cc_tile, dot_acc, dot_precision, gpu_configs,
+                      guarded_inverse, guarded_rsqrt, half_dot, nc_tile, num_warps, prune_spills, reread_bytes,
+                      strides, tuned_kwargs)
 from .covariance import split_rows
 
 _FWD_SIZES = ("N", "C", "s_ab", "s_an", "s_ac", "s_yb", "s_yn", "s_yc")
@@ -166,9 +167,7 @@ def _apply_bwd_w_partial_kernel(
 ):
     i_i, i_j, i_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_k = (i_z // n_split).to(tl.int64), i_z % n_split
-    o_i = i_i * BLOCK_C + tl.arange(0, BLOCK_C)
-    o_j = i_j * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_i, m_j = o_i < C, o_j < C
+    o_i, o_j, m_i, m_j = cc_tile(i_i, i_j, C, BLOCK_C)
     b_mu = tl.load(mean_ptr + i_b * C + o_i, mask=m_i, other=0.0)
     b_acc = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
     b_ysum = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -207,9 +206,7 @@ def _apply_bwd_w_reduce_kernel(
     BLOCK_C: tl.constexpr,
 ):
     i_i, i_j, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_i = i_i * BLOCK_C + tl.arange(0, BLOCK_C)
-    o_j = i_j * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_i, m_j = o_i < C, o_j < C
+    o_i, o_j, m_i, m_j = cc_tile(i_i, i_j, C, BLOCK_C)
     m_ij = m_i[:, None] & m_j[None, :]
     b_acc = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
     b_ysum = tl.zeros((BLOCK_C,), dtype=tl.float32)

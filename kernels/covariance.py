@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (Work, aligned, autotune, block, dot_acc, dot_precision, gpu_configs,
+from ._common import (Work, aligned, autotune, block, cc_tile, dot_acc, dot_precision, gpu_configs,
                       guarded_inverse, half_dot, num_warps, prune_spills, reread_bytes, sm_count)
 
 # Longest run of rows one program sums sequentially (the fp32 error grows with it).
@@ -79,9 +79,7 @@ def _cov_partial_kernel(
     i_i, i_j, i_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_k = (i_z // n_split).to(tl.int64), i_z % n_split
     if i_i <= i_j:  # upper triangle of tiles only; the reduce kernel stores the mirror
-        o_i = i_i * BLOCK_C + tl.arange(0, BLOCK_C)
-        o_j = i_j * BLOCK_C + tl.arange(0, BLOCK_C)
-        m_i, m_j = o_i < C, o_j < C
+        o_i, o_j, m_i, m_j = cc_tile(i_i, i_j, C, BLOCK_C)
         p_a = a_ptr + i_b * s_ab
         b_si = _shift(p_a, o_i, m_i, N, s_an, s_ac, SHIFT_ROWS)
         b_sj = _shift(p_a, o_j, m_j, N, s_an, s_ac, SHIFT_ROWS)
@@ -141,9 +139,7 @@ def _cov_reduce_kernel(
         tr = _cov_trace(part_ptr, psum_ptr, i_b, N, C, n_split, BLOCK_R)
         if (i_i == 0) & (i_j == 0):
             tl.store(tr_ptr + i_b, tr)
-        o_i = i_i * BLOCK_C + tl.arange(0, BLOCK_C)
-        o_j = i_j * BLOCK_C + tl.arange(0, BLOCK_C)
-        m_i, m_j = o_i < C, o_j < C
+        o_i, o_j, m_i, m_j = cc_tile(i_i, i_j, C, BLOCK_C)
         m_ij = m_i[:, None] & m_j[None, :]
         b_acc = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
         b_sum_i = tl.zeros((BLOCK_C,), dtype=tl.float32)
